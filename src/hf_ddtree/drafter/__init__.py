@@ -1,0 +1,157 @@
+"""DFlash drafters: the model, how to read its spec from any checkpoint, and pair validation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from transformers import Qwen3Config
+
+from .modeling_dflash import DFlashDraftModel, default_target_layer_ids, dflash_field
+
+__all__ = [
+    "DFlashDraftModel",
+    "DrafterSpec",
+    "default_target_layer_ids",
+    "dflash_field",
+    "drafter_spec",
+    "is_dflash_drafter",
+    "make_drafter_config",
+    "validate_pair",
+]
+
+
+@dataclass(frozen=True)
+class DrafterSpec:
+    block_size: int
+    mask_token_id: int
+    target_layer_ids: tuple[int, ...]
+
+    @property
+    def hidden_state_indices(self) -> list[int]:
+        """Indices into `output.hidden_states` (index 0 is the embedding output)."""
+        return [i + 1 for i in self.target_layer_ids]
+
+
+def is_dflash_drafter(model) -> bool:
+    """True for our `DFlashDraftModel`, z-lab's remote-code class, or any model whose config carries DFlash fields."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return False
+    if isinstance(getattr(config, "dflash_config", None), dict):
+        return True
+    return getattr(config, "block_size", None) is not None and (
+        getattr(config, "target_layer_ids", None) is not None or getattr(model, "target_layer_ids", None) is not None
+    )
+
+
+def drafter_spec(drafter) -> DrafterSpec:
+    """Read block size, mask token and target layers from a drafter (model attributes first, then config)."""
+    if not is_dflash_drafter(drafter):
+        raise ValueError(
+            f"{type(drafter).__name__} is not a DFlash drafter: its config has neither `dflash_config` nor "
+            "`block_size`/`target_layer_ids`. Pass a DFlash drafter (e.g. AutoModel.from_pretrained("
+            "'z-lab/Qwen3-8B-DFlash-b16', trust_remote_code=True)), or drop `tree_budget`/`method` to use "
+            "transformers' own assisted decoding with a regular draft model."
+        )
+    config = drafter.config
+    block_size = getattr(drafter, "block_size", None) or dflash_field(config, "block_size")
+    mask = getattr(drafter, "mask_token_id", None)
+    if mask is None:
+        mask = dflash_field(config, "mask_token_id")
+    layers = getattr(drafter, "target_layer_ids", None)
+    if layers is None:
+        layers = dflash_field(config, "target_layer_ids", None)
+    if layers is None:
+        layers = default_target_layer_ids(int(dflash_field(config, "num_target_layers")), config.num_hidden_layers)
+    spec = DrafterSpec(int(block_size), int(mask), tuple(int(i) for i in layers))
+    if spec.block_size < 2:
+        raise ValueError(f"DFlash block_size must be >= 2 (got {spec.block_size}): fix the drafter's config.json.")
+    return spec
+
+
+def _target_hidden_size(target) -> int:
+    return target.get_input_embeddings().weight.shape[1]
+
+
+def validate_pair(target, drafter) -> DrafterSpec:
+    """Check that `drafter` can draft for `target`; raise ValueError naming the mismatch and the fix."""
+    spec = drafter_spec(drafter)
+    tcfg = target.config.get_text_config() if hasattr(target.config, "get_text_config") else target.config
+    n_layers = tcfg.num_hidden_layers
+    bad = [i for i in spec.target_layer_ids if not 0 <= i < n_layers]
+    if bad:
+        raise ValueError(
+            f"Drafter reads target layers {list(spec.target_layer_ids)} but the target has {n_layers} layers "
+            f"(out of range: {bad}). This drafter was trained for a different target; load the drafter that "
+            "matches your target model."
+        )
+    hidden = _target_hidden_size(target)
+    d_hidden = drafter.config.hidden_size
+    if d_hidden != hidden:
+        raise ValueError(
+            f"Drafter hidden_size {d_hidden} != target hidden size {hidden}. The drafter shares the target's "
+            "embed_tokens and lm_head, so both must match: use the drafter trained for this target."
+        )
+    fc = getattr(drafter, "fc", None)
+    if fc is not None and fc.in_features != len(spec.target_layer_ids) * hidden:
+        raise ValueError(
+            f"Drafter fc expects {fc.in_features} input features but the target gives "
+            f"{len(spec.target_layer_ids)} layers x {hidden} = {len(spec.target_layer_ids) * hidden}: "
+            "the drafter does not belong to this target."
+        )
+    vocab = target.get_input_embeddings().weight.shape[0]
+    if not 0 <= spec.mask_token_id < vocab:
+        raise ValueError(
+            f"Drafter mask_token_id {spec.mask_token_id} is outside the target vocabulary ({vocab} rows). "
+            "Use the drafter trained for this target, or resize the target's embeddings the way the drafter "
+            "expects (e.g. after tokenizer.add_special_tokens({'mask_token': ...}))."
+        )
+    d_vocab = getattr(drafter.config, "vocab_size", None)
+    if d_vocab is not None and d_vocab != vocab and d_vocab != getattr(tcfg, "vocab_size", vocab):
+        raise ValueError(
+            f"Drafter vocab_size {d_vocab} != target vocabulary {vocab}: the drafter was trained for another "
+            "tokenizer. Use the drafter that matches your target."
+        )
+    return spec
+
+
+def make_drafter_config(
+    target_config,
+    *,
+    num_hidden_layers: int = 1,
+    block_size: int = 16,
+    mask_token_id: int,
+    target_layer_ids: list[int] | None = None,
+    intermediate_size: int | None = None,
+    **overrides,
+) -> Qwen3Config:
+    """A z-lab-format drafter config (Qwen3Config + DFlash fields) sized for `target_config`."""
+    tcfg = target_config.get_text_config() if hasattr(target_config, "get_text_config") else target_config
+    n_target = tcfg.num_hidden_layers
+    if target_layer_ids is None:
+        target_layer_ids = default_target_layer_ids(n_target, num_hidden_layers)
+    heads = tcfg.num_attention_heads
+    head_dim = getattr(tcfg, "head_dim", None) or tcfg.hidden_size // heads
+    rope = getattr(tcfg, "rope_parameters", None) or {"rope_type": "default", "rope_theta": 10000.0}
+    kwargs = dict(
+        vocab_size=tcfg.vocab_size,
+        hidden_size=tcfg.hidden_size,
+        intermediate_size=intermediate_size or tcfg.intermediate_size,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=heads,
+        num_key_value_heads=getattr(tcfg, "num_key_value_heads", heads),
+        head_dim=head_dim,
+        rms_norm_eps=getattr(tcfg, "rms_norm_eps", 1e-6),
+        max_position_embeddings=tcfg.max_position_embeddings,
+        rope_parameters=dict(rope),
+        tie_word_embeddings=False,
+        attention_bias=False,
+        use_cache=False,
+    )
+    kwargs.update(overrides)
+    config = Qwen3Config(**kwargs)
+    config.architectures = ["DFlashDraftModel"]
+    config.block_size = int(block_size)
+    config.num_target_layers = n_target
+    config.dflash_config = {"mask_token_id": int(mask_token_id), "target_layer_ids": [int(i) for i in target_layer_ids]}
+    return config

@@ -1,0 +1,132 @@
+"""Draft trees from per-position draft distributions. Knows nothing of models.
+
+A tree has node 0 = the root (the last accepted token, not yet in the target's KV cache) and
+nodes 1..n in best-first pop order, so every parent comes before its children and any prefix
+`0..k` of the nodes is itself a valid (prefix-closed) tree.
+
+The DDTree surrogate: a node at depth d reached by ranks (r_1, ..., r_d) scores
+sum_i logp_i[r_i], the log of the product of the drafter's per-position probabilities. The heap
+pops nodes in decreasing score (ties broken by the rank tuple, lexicographically), so the first
+`budget` pops are exactly the `budget` best prefix-closed paths.
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class Tree:
+    tokens: torch.Tensor  # (n+1,) long: node token ids; tokens[0] = root
+    parents: torch.Tensor  # (n+1,) long: parents[0] = -1
+    depths: torch.Tensor  # (n+1,) long: depths[0] = 0
+    scores: list[float]  # (n+1,) surrogate log-probability of the path to each node; scores[0] = 0
+    children: list[dict[int, int]] = field(repr=False)  # children[i][token] = child node index
+
+    @property
+    def num_nodes(self) -> int:
+        """Number of drafted nodes, root excluded."""
+        return len(self.scores) - 1
+
+    def visibility(self) -> torch.Tensor:
+        """(n+1, n+1) bool: [i, j] is True iff j is i or an ancestor of i."""
+        n = len(self.scores)
+        vis = torch.zeros(n, n, dtype=torch.bool)
+        vis[0, 0] = True
+        parents = self.parents.tolist()
+        for i in range(1, n):
+            vis[i] = vis[parents[i]]
+            vis[i, i] = True
+        return vis
+
+    def path_to(self, node: int) -> list[int]:
+        """Node indices from the root to `node`, both included."""
+        parents = self.parents.tolist()
+        path = [node]
+        while parents[path[-1]] >= 0:
+            path.append(parents[path[-1]])
+        return path[::-1]
+
+    def truncate(self, num_nodes: int) -> "Tree":
+        """The tree of the first `num_nodes` drafted nodes (still prefix-closed: parents come first)."""
+        k = num_nodes + 1
+        children = [{t: c for t, c in ch.items() if c < k} for ch in self.children[:k]]
+        return Tree(self.tokens[:k], self.parents[:k], self.depths[:k], self.scores[:k], children)
+
+
+def _make_tree(root_token: int, tokens: list[int], parents: list[int], depths: list[int], scores: list[float]) -> Tree:
+    children: list[dict[int, int]] = [{} for _ in range(len(tokens) + 1)]
+    for i, (tok, par) in enumerate(zip(tokens, parents), start=1):
+        children[par][tok] = i
+    return Tree(
+        tokens=torch.tensor([root_token] + tokens, dtype=torch.long),
+        parents=torch.tensor([-1] + parents, dtype=torch.long),
+        depths=torch.tensor([0] + depths, dtype=torch.long),
+        scores=[0.0] + scores,
+        children=children,
+    )
+
+
+def topk_per_position(draft_logprobs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(D, V) log-probs -> sorted (D, k) log-probs and (D, k) token ids, k clipped to V."""
+    k = max(1, min(k, draft_logprobs.shape[-1]))
+    values, ids = torch.topk(draft_logprobs.float(), k, dim=-1)
+    return values, ids
+
+
+def build_tree(root_token: int, top_logprobs: torch.Tensor, top_ids: torch.Tensor, budget: int,
+               max_depth: int | None = None) -> Tree:
+    """Best-first DDTree under a node budget.
+
+    Args:
+        root_token: the last accepted token (node 0).
+        top_logprobs: (D, K) per-depth log-probs sorted descending (depth d+1 is row d).
+        top_ids: (D, K) the matching token ids.
+        budget: number of drafted nodes (root excluded); 0 gives the root alone.
+        max_depth: optional depth limit <= D.
+    Returns the tree of the `budget` best prefix-closed paths, nodes in pop order.
+    """
+    if budget < 0:
+        raise ValueError(f"tree budget must be >= 0, got {budget}")
+    depth_limit = top_logprobs.shape[0] if max_depth is None else min(max_depth, top_logprobs.shape[0])
+    lp = top_logprobs.tolist()
+    ids = top_ids.tolist()
+    width = len(lp[0]) if lp else 0
+    tokens: list[int] = []
+    parents: list[int] = []
+    depths: list[int] = []
+    scores: list[float] = []
+    if budget == 0 or depth_limit == 0 or width == 0:
+        return _make_tree(root_token, tokens, parents, depths, scores)
+    # heap entry: (-score, ranks, parent_node, parent_score)
+    heap = [(-lp[0][0], (0,), 0, 0.0)]
+    while heap and len(tokens) < budget:
+        neg, ranks, parent, parent_score = heapq.heappop(heap)
+        depth = len(ranks)
+        tokens.append(ids[depth - 1][ranks[-1]])
+        parents.append(parent)
+        depths.append(depth)
+        scores.append(-neg)
+        node = len(tokens)
+        if ranks[-1] + 1 < width:  # next sibling: same parent, next rank
+            s = parent_score + lp[depth - 1][ranks[-1] + 1]
+            heapq.heappush(heap, (-s, ranks[:-1] + (ranks[-1] + 1,), parent, parent_score))
+        if depth < depth_limit:  # first child: next depth, rank 0
+            s = -neg + lp[depth][0]
+            heapq.heappush(heap, (-s, ranks + (0,), node, -neg))
+    return _make_tree(root_token, tokens, parents, depths, scores)
+
+
+def build_chain(root_token: int, draft_ids: torch.Tensor, draft_logprobs: torch.Tensor | None = None) -> Tree:
+    """DFlash's single trajectory: root -> draft_ids[0] -> draft_ids[1] -> ... (a tree with one path)."""
+    toks = [int(t) for t in draft_ids.tolist()]
+    lps = [0.0] * len(toks) if draft_logprobs is None else [float(x) for x in draft_logprobs.tolist()]
+    scores, acc = [], 0.0
+    for x in lps:
+        acc += x
+        scores.append(acc)
+    n = len(toks)
+    return _make_tree(root_token, toks, list(range(n)), list(range(1, n + 1)), scores)
