@@ -1,0 +1,1 @@
+"""DFlash drafter training: target-generated data, cached target features, the block-diffusion objective."""
