@@ -16,13 +16,13 @@ from typing import Any, Callable
 
 import torch
 from transformers import GenerationMixin
-from transformers.cache_utils import DynamicCache
 from transformers.generation.stopping_criteria import StopStringCriteria, StoppingCriteriaList
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from .cache import compact, make_cache
 from .drafter import DrafterSpec, is_dflash_drafter, validate_pair
-from .tree import Tree, build_chain, build_tree, topk_per_position
+from .propose import make_proposer
+from .tree import Tree, build_chain
 from .verify import process_scores, run_tree, walk
 
 MAX_TREE_BUDGET = 4096
@@ -204,50 +204,21 @@ def speculative_decoding(
     ids, done = commit(input_ids, [_pick(scores[0], do_sample)], [0], scores, raw)
     clock.lap("prefill_s")
 
-    dcache = DynamicCache()  # drafter's cache of projected context K/V
-    drafted_len = 0  # tokens whose context features are in the drafter cache
-    embed = model.get_input_embeddings()
-    lm_head = model.get_output_embeddings()
-    ddevice = next(drafter.parameters()).device
-    noise = torch.full((1, spec.block_size), spec.mask_token_id, dtype=torch.long, device=device)
+    proposer = make_proposer(model, drafter, spec, method, max_nodes, budget_policy, clock.lap)
 
     while not done:
         L = ids.shape[1]
         past = L - 1  # the root (last token) is not in the target cache yet
         remaining = max_length - L  # new tokens still allowed after the root
         depth_limit = min(spec.block_size - 1, remaining - 1)
+        root = int(ids[0, -1])
 
-        # ---- draft: one drafter forward over [context features, anchor + masks] --------------
-        tree: Tree
+        # ---- draft + tree: one drafter forward, best-first heap (or chain) -> Tree (n+1 nodes) ----
         if depth_limit <= 0:
-            tree = build_chain(int(ids[0, -1]), ids.new_empty(0))
+            tree = build_chain(root, ids.new_empty(0))  # last token: verify the root alone
         else:
-            noise[0, 0] = ids[0, -1]
-            pos = torch.arange(drafted_len, past + spec.block_size, device=ddevice)[None]  # (1, C + Q)
-            hidden = drafter(
-                position_ids=pos,
-                noise_embedding=embed(noise).to(ddevice),  # (1, Q, H)
-                target_hidden=context[None].to(ddevice),  # (1, C, F)
-                past_key_values=dcache,
-                use_cache=True,
-                is_causal=False,
-            )
-            dcache.crop(-spec.block_size)  # keep the context, drop the block
-            drafted_len = past
-            draft_logits = lm_head(hidden[0, 1:1 + depth_limit].to(lm_head.weight.dtype))  # (D, V)
-            logprobs = torch.log_softmax(draft_logits.float(), dim=-1)
-            clock.lap("draft_s")
-
-            # ---- tree: best-first heap under the budget (or the single chain) ----------------
-            root = int(ids[0, -1])
-            if method == "dflash":
-                tree = build_chain(root, logprobs.argmax(-1), logprobs.max(-1).values)
-            else:
-                top_lp, top_ids = topk_per_position(logprobs, max_nodes)
-                tree = build_tree(root, top_lp.cpu(), top_ids.cpu(), max_nodes)
-                if budget_policy is not None:
-                    tree = tree.truncate(budget_policy(tree))
-            clock.lap("tree_s")
+            tree = proposer.propose(root, context, past, depth_limit)  # books draft_s and tree_s
+        clock.lap("tree_s")
 
         # ---- verify: one target forward over root + nodes, ancestor-only mask ------------------
         raw, feats = run_tree(model, tree, cache, past, hidden_idx)  # (n+1, V), (n+1, F)
@@ -297,6 +268,17 @@ def _resolve_method(method: str | None, tree_budget) -> tuple[str, Any]:
 def _ddtree_generate(self, inputs=None, generation_config=None, *args, assistant_model=None, tree_budget=None,
                      method=None, max_tree_budget: int = 256, collect_timing: bool = False, **kwargs):
     """`generate()` that understands `assistant_model=<DFlash drafter>, tree_budget=..., method=...`."""
+    if kwargs.get("custom_generate") is not None:
+        # The caller picked a recipe (e.g. custom_generate="<drafter repo>", whose generate.py comes back
+        # here without custom_generate): hand it our arguments untouched instead of passing it twice.
+        for key, value in (("assistant_model", assistant_model), ("tree_budget", tree_budget), ("method", method)):
+            if value is not None:
+                kwargs[key] = value
+        if max_tree_budget != 256:
+            kwargs["max_tree_budget"] = max_tree_budget
+        if collect_timing:
+            kwargs["collect_timing"] = collect_timing
+        return GenerationMixin.generate(self, inputs, generation_config, *args, **kwargs)
     if assistant_model is None or not is_dflash_drafter(assistant_model):
         if tree_budget is not None or method is not None:
             what = "no assistant_model" if assistant_model is None else f"a {type(assistant_model).__name__} assistant"
