@@ -251,6 +251,20 @@ def test_missing_dflash_field_is_a_clear_error(env, target, convention, tmp_path
         save_drafter(broken, tmp_path / "never")
 
 
+def test_without_trust_remote_code_is_a_clear_error(env, target, prompt, tmp_path):
+    """model_type "qwen3" is built in, so AutoModel silently builds a plain Qwen3Model from a drafter repo
+    when trust_remote_code is not given; generate() must say so instead of failing deep in the loop."""
+    out = save_drafter(_drafter(target), tmp_path / "repo")
+    plain = AutoModel.from_pretrained(out)
+    assert type(plain).__name__ == "Qwen3Model"
+    hf_ddtree.enable(target)
+    try:
+        with pytest.raises(ValueError, match="trust_remote_code=True"):
+            target.generate(prompt, assistant_model=plain, tree_budget=8, max_new_tokens=4)
+    finally:
+        hf_ddtree.disable(target)
+
+
 def test_load_drafter_never_unpickles(env, target, tmp_path):
     out = save_drafter(_drafter(target), tmp_path / "repo")
     state = {k: v.clone() for k, v in _drafter(target).state_dict().items()}

@@ -167,8 +167,8 @@ from a cost model; leaving `tree_budget` out (or `method="dflash"`) verifies the
 greedy chain. `do_sample`, `temperature`, `top_k`, `top_p`, EOS, `max_new_tokens`, `streamer` and
 `return_dict_in_generate` work as in plain `generate()`. Batch size 1.
 
-`hf_ddtree.hub.load_drafter("{repo_id}")` is the same `AutoModel` call with `trust_remote_code=True`
-and safetensors-only loading.
+`from hf_ddtree.hub import load_drafter; drafter = load_drafter("{repo_id}")` is the same `AutoModel`
+call with `trust_remote_code=True` and safetensors-only loading.
 
 ### Without patching the target: `custom_generate`
 

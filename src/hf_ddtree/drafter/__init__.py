@@ -76,6 +76,13 @@ def _target_hidden_size(target) -> int:
 def validate_pair(target, drafter) -> DrafterSpec:
     """Check that `drafter` can draft for `target`; raise ValueError naming the mismatch and the fix."""
     spec = drafter_spec(drafter)
+    archs = getattr(drafter.config, "architectures", None) or []
+    if archs and type(drafter).__name__ not in archs and getattr(drafter, "fc", None) is None:
+        raise ValueError(
+            f"The drafter was loaded as {type(drafter).__name__}, not as its checkpoint's {archs[0]}: a DFlash "
+            "checkpoint's model class is remote code. Load it with AutoModel.from_pretrained(..., "
+            "trust_remote_code=True) (or hf_ddtree.hub.load_drafter)."
+        )
     tcfg = target.config.get_text_config() if hasattr(target.config, "get_text_config") else target.config
     n_layers = tcfg.num_hidden_layers
     bad = [i for i in spec.target_layer_ids if not 0 <= i < n_layers]
