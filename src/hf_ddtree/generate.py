@@ -26,7 +26,8 @@ from .tree import Tree, build_chain
 from .verify import process_scores, run_tree, walk
 
 MAX_TREE_BUDGET = 4096
-METHODS = ("ddtree", "dflash", "auto")
+METHODS = ("ddtree", "dflash", "auto", "d2sd", "d2sd-tree")
+D2SD_METHODS = ("d2sd", "d2sd-tree")
 
 
 @dataclass
@@ -128,16 +129,22 @@ def speculative_decoding(
     tree_budget: int = 64,
     budget_policy: Callable[[Tree], int] | None = None,
     collect_timing: bool = False,
+    drafter2=None,
+    d2sd_boundaries: int = 4,
+    d2sd_alternatives: int = 1,
     **model_kwargs,
 ):
     """The hf_ddtree loop, with the signature generate() uses for a callable `custom_generate`.
 
     method: "ddtree" (best-first tree of `tree_budget` nodes), "dflash" (the drafter's single
     greedy chain), "auto" (CaDDTree: `budget_policy(tree)` picks how many of the tree's nodes, in
-    pop order, to verify this round; `tree_budget` is the cap).
+    pop order, to verify this round; `tree_budget` is the cap), "d2sd" / "d2sd-tree" (D^2SD with
+    the variable-prefix `drafter2`: drafter 1's chain / DDTree heap plus re-anchored branches at the
+    `d2sd_boundaries` likeliest rejection depths, `d2sd_alternatives` alternatives each).
     """
     _check_inputs(model, input_ids, generation_config, model_kwargs)
     spec: DrafterSpec = validate_pair(model, drafter)
+    spec2 = validate_pair(model, drafter2) if method in D2SD_METHODS else None
     device = input_ids.device
     do_sample = bool(generation_config.do_sample)
     max_length = int(generation_config.max_length)
@@ -204,7 +211,9 @@ def speculative_decoding(
     ids, done = commit(input_ids, [_pick(scores[0], do_sample)], [0], scores, raw)
     clock.lap("prefill_s")
 
-    proposer = make_proposer(model, drafter, spec, method, max_nodes, budget_policy, clock.lap)
+    proposer = make_proposer(model, drafter, spec, method, max_nodes, budget_policy, clock.lap,
+                             drafter2=drafter2, spec2=spec2, boundaries=d2sd_boundaries,
+                             alternatives=d2sd_alternatives)
 
     while not done:
         L = ids.shape[1]
@@ -231,9 +240,10 @@ def speculative_decoding(
         compact(cache, past, keep)
         context = feats[keep]  # (k+1, F) features of the root and accepted nodes
         new_tokens = tree.tokens[path[1:]].tolist() + [nxt]
-        stats.acceptance_lengths.append(len(new_tokens))
-        stats.tree_sizes.append(tree.num_nodes)
+        before = ids.shape[1]
         ids, done = commit(ids, new_tokens, path, scores, raw)
+        stats.acceptance_lengths.append(ids.shape[1] - before)  # committed only: a stop (EOS) mid-path drops the rest
+        stats.tree_sizes.append(tree.num_nodes)
         clock.lap("commit_s")
 
     return finish(ids)
@@ -279,6 +289,11 @@ def _ddtree_generate(self, inputs=None, generation_config=None, *args, assistant
         if collect_timing:
             kwargs["collect_timing"] = collect_timing
         return GenerationMixin.generate(self, inputs, generation_config, *args, **kwargs)
+    if isinstance(assistant_model, (tuple, list)):
+        return _d2sd_generate(self, inputs, generation_config, *args, drafters=assistant_model,
+                              tree_budget=tree_budget, method=method, collect_timing=collect_timing, **kwargs)
+    if method in D2SD_METHODS:
+        raise ValueError(f"method={method!r} needs two drafters: assistant_model=(drafter, variable_prefix_drafter).")
     if assistant_model is None or not is_dflash_drafter(assistant_model):
         if tree_budget is not None or method is not None:
             what = "no assistant_model" if assistant_model is None else f"a {type(assistant_model).__name__} assistant"
@@ -300,6 +315,28 @@ def _ddtree_generate(self, inputs=None, generation_config=None, *args, assistant
         budget = max_tree_budget
         policy = caddtree_policy(self, assistant_model, max_nodes=max_tree_budget)
 
+    return _run(self, inputs, generation_config, args, kwargs, drafter=assistant_model, method=method,
+                tree_budget=budget, budget_policy=policy, collect_timing=collect_timing)
+
+
+def _d2sd_generate(self, inputs, generation_config, *args, drafters, tree_budget, method, collect_timing,
+                   d2sd_boundaries: int = 4, d2sd_alternatives: int = 1, **kwargs):
+    if len(drafters) != 2 or not all(is_dflash_drafter(d) for d in drafters):
+        raise ValueError("D2SD takes assistant_model=(drafter, variable_prefix_drafter): two DFlash drafters.")
+    method = method or "d2sd"
+    if method not in D2SD_METHODS:
+        raise ValueError(f"two drafters run D2SD: method must be one of {D2SD_METHODS}, got {method!r}.")
+    _, budget = _resolve_method("ddtree", 64 if tree_budget is None else tree_budget)
+    for name, v in (("d2sd_boundaries", d2sd_boundaries), ("d2sd_alternatives", d2sd_alternatives)):
+        if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 64:
+            raise ValueError(f"{name} must be an int in [1, 64], got {v!r}.")
+    return _run(self, inputs, generation_config, args, kwargs, drafter=drafters[0], drafter2=drafters[1],
+                method=method, tree_budget=budget, collect_timing=collect_timing,
+                d2sd_boundaries=d2sd_boundaries, d2sd_alternatives=d2sd_alternatives)
+
+
+def _run(self, inputs, generation_config, args, kwargs, **loop_kwargs):
+    """GenerationMixin.generate with our loop as the callable custom_generate."""
     tokenizer = kwargs.pop("tokenizer", None)
     stop_strings = kwargs.pop("stop_strings", None)
     if stop_strings is None and generation_config is not None:
@@ -314,15 +351,7 @@ def _ddtree_generate(self, inputs=None, generation_config=None, *args, assistant
             generation_config = generation_config.__class__.from_dict(
                 {**generation_config.to_dict(), "stop_strings": None})
 
-    fn = functools.partial(
-        speculative_decoding,
-        drafter=assistant_model,
-        method=method,
-        tree_budget=budget,
-        budget_policy=policy,
-        collect_timing=collect_timing,
-        streamer=kwargs.get("streamer"),
-    )
+    fn = functools.partial(speculative_decoding, streamer=kwargs.get("streamer"), **loop_kwargs)
     return GenerationMixin.generate(self, inputs, generation_config, *args, custom_generate=fn, **kwargs)
 
 

@@ -21,7 +21,7 @@ import torch
 from transformers.cache_utils import DynamicCache
 
 from .drafter import DrafterSpec
-from .tree import Tree, build_chain, build_tree, topk_per_position
+from .tree import Tree, build_chain, build_tree, merge_paths, topk_per_position, tree_paths
 
 
 def _no_lap(name: str) -> None:
@@ -96,8 +96,88 @@ class DFlashProposer:
         return tree
 
 
+def rejection_boundaries(chain_logprobs: torch.Tensor, k: int) -> torch.Tensor:
+    """Depth indices (0-based) where drafter 1's chain most likely meets its first rejection.
+
+    chain_logprobs: (D,) log-probs of the chain tokens. With q_j = exp(chain_logprobs[j]) as the
+    chance that depth j is accepted, P(first rejection at j) = prod_{i<j} q_i * (1 - q_j).
+    Returns the top-k j by that probability, most likely first.
+    """
+    q = chain_logprobs.float().exp()
+    reach = torch.cat([q.new_ones(1), torch.cumprod(q, 0)[:-1]])  # (D,) P(all before j accepted)
+    p_first = reach * (1 - q)
+    return torch.topk(p_first, min(k, q.numel())).indices
+
+
+class D2SDProposer:
+    """D^2SD: drafter 1 drafts a block; at the K likeliest rejection depths a second, variable-prefix
+    drafter re-anchors on [chain prefix, alternative token] (all K*A blocks in ONE batched forward)
+    and proposes fresh continuations; everything is merged into one prefix tree of <= max_nodes.
+
+    method "d2sd": drafter 1's chain plus the re-anchored branches.
+    method "d2sd-tree" (hybrid): drafter 1's DDTree heap plus the branches, ranked by one surrogate
+    (sum of log-probs: drafter 1's up to and including the alternative, drafter 2's after it).
+    """
+
+    def __init__(self, state1: DrafterState, state2: DrafterState, method: str, max_nodes: int,
+                 boundaries: int = 4, alternatives: int = 1, lap: Callable[[str], None] = _no_lap):
+        if state1.spec.target_layer_ids != state2.spec.target_layer_ids:
+            raise ValueError(
+                f"D2SD drafters must read the same target layers: drafter 1 uses {list(state1.spec.target_layer_ids)}, "
+                f"drafter 2 uses {list(state2.spec.target_layer_ids)}. Train the variable-prefix drafter with the "
+                "same --target-layer-ids."
+            )
+        if state2.spec.block_size < state1.spec.block_size:
+            raise ValueError("D2SD: the variable-prefix drafter's block_size must be >= drafter 1's.")
+        self.s1, self.s2, self.method, self.max_nodes, self.lap = state1, state2, method, max_nodes, lap
+        self.boundaries, self.alternatives = boundaries, alternatives
+        self.block1 = torch.full((1, state1.spec.block_size), state1.spec.mask_token_id, dtype=torch.long)
+
+    def propose(self, root_token: int, context: torch.Tensor, past: int, depth_limit: int) -> Tree:
+        D, A = depth_limit, self.alternatives
+        self.block1[0, 0] = root_token
+        lp1 = self.s1.draft(self.block1, context, past)[0, :D]  # (D, V)
+        chain_lp, chain_ids = lp1.max(-1)  # (D,), (D,)
+        js = rejection_boundaries(chain_lp, self.boundaries)  # (K,) depth indices
+        alt_lp, alt_ids = torch.topk(lp1[js], A + 1, dim=-1)  # (K, A+1); rank 0 is the chain token
+        alt_lp, alt_ids = alt_lp[:, 1:], alt_ids[:, 1:]
+
+        # drafter 2: one block per (boundary j, alternative): [root, chain[:j], alt, mask, ...]
+        bs2 = self.s2.spec.block_size
+        jl, cl = js.tolist(), chain_ids.tolist()
+        blocks = torch.full((len(jl) * A, bs2), self.s2.spec.mask_token_id, dtype=torch.long)
+        blocks[:, 0] = root_token
+        for b, (j, a) in enumerate((j, a) for j in jl for a in range(A)):
+            blocks[b, 1:j + 1] = chain_ids[:j].cpu()
+            blocks[b, j + 1] = alt_ids[jl.index(j), a]
+        lp2 = self.s2.draft(blocks, context, past)  # (K*A, bs2-1, V): [b, m] predicts depth m + 1
+        self.lap("draft_s")
+
+        paths: list[tuple[list[int], list[float]]]
+        if self.method == "d2sd-tree":
+            top_lp, top_ids = topk_per_position(lp1, self.max_nodes)
+            paths = tree_paths(build_tree(root_token, top_lp.cpu(), top_ids.cpu(), self.max_nodes))
+        else:
+            paths = [(cl, chain_lp.tolist())]
+        cont_lp, cont_ids = lp2[:, :D].max(-1)  # (K*A, D)
+        for b, (j, a) in enumerate((j, a) for j in jl for a in range(A)):
+            k = jl.index(j)
+            toks = cl[:j] + [int(alt_ids[k, a])] + cont_ids[b, j + 1:D].tolist()
+            lps = chain_lp[:j].tolist() + [float(alt_lp[k, a])] + cont_lp[b, j + 1:D].tolist()
+            paths.append((toks, lps))
+        tree = merge_paths(root_token, paths, self.max_nodes)
+        self.lap("tree_s")
+        return tree
+
+
 def make_proposer(target, drafter, spec: DrafterSpec, method: str, max_nodes: int,
-                  budget_policy: Callable[[Tree], int] | None = None, lap: Callable[[str], None] = _no_lap):
-    """The proposer for `method` ("ddtree", "dflash", "auto"). `lap(name)` books time to a stats field."""
-    state = DrafterState(drafter, spec, target.get_input_embeddings(), target.get_output_embeddings())
+                  budget_policy: Callable[[Tree], int] | None = None, lap: Callable[[str], None] = _no_lap,
+                  drafter2=None, spec2: DrafterSpec | None = None, boundaries: int = 4, alternatives: int = 1):
+    """The proposer for `method` ("ddtree", "dflash", "auto", "d2sd", "d2sd-tree").
+    `lap(name)` books time to a DecodeStats field."""
+    embed, head = target.get_input_embeddings(), target.get_output_embeddings()
+    state = DrafterState(drafter, spec, embed, head)
+    if method in ("d2sd", "d2sd-tree"):
+        return D2SDProposer(state, DrafterState(drafter2, spec2, embed, head), method, max_nodes,
+                            boundaries, alternatives, lap)
     return DFlashProposer(state, method, max_nodes, budget_policy, lap)

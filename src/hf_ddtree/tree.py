@@ -130,3 +130,70 @@ def build_chain(root_token: int, draft_ids: torch.Tensor, draft_logprobs: torch.
         scores.append(acc)
     n = len(toks)
     return _make_tree(root_token, toks, list(range(n)), list(range(1, n + 1)), scores)
+
+
+def merge_paths(root_token: int, paths: list[tuple[list[int], list[float]]], budget: int) -> Tree:
+    """One prefix tree from several candidate paths, the `budget` best nodes kept.
+
+    paths: (tokens, logps) pairs; logps[i] is the log-probability increment of tokens[i] given
+    the path before it, so a node's score is the sum of increments from the root. Shared prefixes
+    are stored once (a node reached by several paths keeps its highest score). Nodes are then
+    taken best-first from the root (ties by insertion order), so the result is prefix-closed,
+    in non-increasing score order like `build_tree`.
+    """
+    if budget < 0:
+        raise ValueError(f"tree budget must be >= 0, got {budget}")
+    kids: list[dict[int, int]] = [{}]  # trie: node -> {token: node}
+    score = [0.0]
+    token = [root_token]
+    for toks, lps in paths:
+        node, acc = 0, 0.0
+        for tok, lp in zip(toks, lps):
+            acc += float(lp)
+            child = kids[node].get(int(tok))
+            if child is None:
+                child = len(token)
+                kids[node][int(tok)] = child
+                kids.append({})
+                score.append(acc)
+                token.append(int(tok))
+            elif acc > score[child]:
+                score[child] = acc
+            node = child
+    # a child's score may exceed its parent's after max-merging; cap it so pop order stays parent-first
+    order = [0]
+    for node in order:
+        for child in kids[node].values():
+            score[child] = min(score[child], score[node])
+            order.append(child)
+
+    tokens: list[int] = []
+    parents: list[int] = []
+    depths: list[int] = []
+    scores: list[float] = []
+    new_index = {0: 0}
+    depth = {0: 0}
+    heap = [(-score[c], c, 0) for c in kids[0].values()]
+    heapq.heapify(heap)
+    while heap and len(tokens) < budget:
+        neg, node, parent = heapq.heappop(heap)
+        tokens.append(token[node])
+        parents.append(new_index[parent])
+        depth[node] = depth[parent] + 1
+        depths.append(depth[node])
+        scores.append(-neg)
+        new_index[node] = len(tokens)
+        for c in kids[node].values():
+            heapq.heappush(heap, (-score[c], c, node))
+    return _make_tree(root_token, tokens, parents, depths, scores)
+
+
+def tree_paths(tree: Tree) -> list[tuple[list[int], list[float]]]:
+    """Every root-to-node path of `tree` as (tokens, log-prob increments), for `merge_paths`."""
+    toks = tree.tokens.tolist()
+    pars = tree.parents.tolist()
+    out = []
+    for i in range(1, len(toks)):
+        path = tree.path_to(i)[1:]
+        out.append(([toks[j] for j in path], [tree.scores[j] - tree.scores[pars[j]] for j in path]))
+    return out
