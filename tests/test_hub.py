@@ -80,10 +80,9 @@ def _drafter(target, convention="zlab", seed=0):
     config = make_drafter_config(target.config, num_hidden_layers=1, block_size=6, mask_token_id=MASK,
                                  target_layer_ids=[0, 2])
     if convention == "toplevel":  # transformers' built-in DFlash convention
-        sub = config.dflash_config
         del config.dflash_config, config.num_target_layers
-        config.mask_token_id = sub["mask_token_id"]
-        config.target_layer_ids = sub["target_layer_ids"]
+    else:  # z-lab's published layout: the fields only under dflash_config
+        del config.mask_token_id, config.target_layer_ids
     torch.manual_seed(seed)
     return DFlashDraftModel(config).eval()
 

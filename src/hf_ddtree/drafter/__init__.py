@@ -161,4 +161,7 @@ def make_drafter_config(
     config.block_size = int(block_size)
     config.num_target_layers = n_target
     config.dflash_config = {"mask_token_id": int(mask_token_id), "target_layer_ids": [int(i) for i in target_layer_ids]}
+    # the same fields at the top level: transformers' built-in DFlash (speculation_type="dflash") reads them there
+    config.mask_token_id = int(mask_token_id)
+    config.target_layer_ids = [int(i) for i in target_layer_ids]
     return config

@@ -32,6 +32,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 from transformers.cache_utils import Cache
+from transformers.modeling_outputs import BaseModelOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.qwen3.modeling_qwen3 import (
     Qwen3Config,
@@ -195,15 +196,25 @@ class DFlashDraftModel(Qwen3PreTrainedModel):
         noise_embeds: Optional[torch.Tensor] = None,  # transformers' built-in DFlash names
         context_hidden_states: Optional[torch.Tensor] = None,
         **kwargs,
-    ) -> torch.Tensor:  # (B, Q, H)
+    ) -> torch.Tensor | BaseModelOutputWithPast:  # (B, Q, H)
+        # transformers' built-in DFlash (`speculation_type="dflash"`) passes `noise_embeds` and
+        # `context_hidden_states`, a 2D padding mask, and reads `.last_hidden_state`.
+        builtin = noise_embedding is None and noise_embeds is not None
         hidden_states = noise_embedding if noise_embedding is not None else noise_embeds
         features = target_hidden if target_hidden is not None else context_hidden_states
         if hidden_states is None or features is None:
             raise ValueError("DFlashDraftModel.forward needs `noise_embedding` and `target_hidden`.")
+        if attention_mask is not None and attention_mask.dim() == 2:
+            if not bool(attention_mask.all()):
+                raise ValueError("DFlashDraftModel does not support padded inputs (a 2D mask with zeros).")
+            attention_mask = None
         features = self.hidden_norm(self.fc(features.to(self.fc.weight.dtype)))
         hidden_states = hidden_states.to(features.dtype)
         position_embeddings = self.rotary_emb(hidden_states, position_ids)
         for layer in self.layers:
             hidden_states = layer(hidden_states, features, position_embeddings, attention_mask,
                                   past_key_values, **kwargs)
-        return self.norm(hidden_states)
+        hidden_states = self.norm(hidden_states)
+        if builtin:
+            return BaseModelOutputWithPast(last_hidden_state=hidden_states, past_key_values=past_key_values)
+        return hidden_states
