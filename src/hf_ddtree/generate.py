@@ -75,6 +75,11 @@ class _Clock:
 
 
 def _check_inputs(model, input_ids: torch.Tensor, generation_config, model_kwargs: dict) -> None:
+    # beams / return sequences first: generate() has already expanded the batch by them
+    if getattr(generation_config, "num_beams", 1) not in (None, 1):
+        raise ValueError("hf_ddtree does not combine with beam search: set num_beams=1.")
+    if getattr(generation_config, "num_return_sequences", 1) not in (None, 1):
+        raise ValueError("hf_ddtree returns one sequence: set num_return_sequences=1.")
     if input_ids.shape[0] != 1:
         raise ValueError(
             f"hf_ddtree decodes one sequence at a time, got batch size {input_ids.shape[0]}. "
@@ -83,10 +88,6 @@ def _check_inputs(model, input_ids: torch.Tensor, generation_config, model_kwarg
     mask = model_kwargs.get("attention_mask")
     if mask is not None and not bool(mask.all()):
         raise ValueError("hf_ddtree does not support padded inputs: pass the prompt without padding.")
-    if getattr(generation_config, "num_beams", 1) not in (None, 1):
-        raise ValueError("hf_ddtree does not combine with beam search: set num_beams=1.")
-    if getattr(generation_config, "num_return_sequences", 1) not in (None, 1):
-        raise ValueError("hf_ddtree returns one sequence: set num_return_sequences=1.")
     if generation_config.output_attentions or generation_config.output_hidden_states:
         raise ValueError("hf_ddtree cannot return attentions or hidden states: drop output_attentions/output_hidden_states.")
     impl = getattr(model.config, "_attn_implementation", None) or ""
