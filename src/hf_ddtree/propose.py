@@ -80,6 +80,8 @@ class DFlashProposer:
         self.block = torch.full((1, bs), state.spec.mask_token_id, dtype=torch.long)
 
     def propose(self, root_token: int, context: torch.Tensor, past: int, depth_limit: int) -> Tree:
+        if self.max_nodes == 0:  # budget 0: the root alone, nothing to draft (the drafter is never consulted)
+            return build_chain(root_token, torch.empty(0, dtype=torch.long))
         self.block[0, 0] = root_token
         logprobs = self.state.draft(self.block, context, past)[0, :depth_limit]  # (D, V)
         self.lap("draft_s")
