@@ -1,0 +1,96 @@
+"""Benchmarks: AR vs DFlash vs DDTree vs CaDDTree (plus transformers' PLD and DFlash) on the same prompts.
+
+    hf-ddtree bench --target smollm2-135m --drafter default --dataset humaneval,gsm8k,mt-bench \\
+        --methods ar,dflash,ddtree:16,ddtree:64,ddtree:256,caddtree --max-new-tokens 256 \\
+        --temperature 0,1 --limit 10 --out results/run1
+    torchrun --nproc_per_node 2 -m hf_ddtree.cli bench ...     # data parallel: prompts sharded over ranks
+    torchrun --no-python --nproc_per_node 2 hf-ddtree bench ...  # the same through the console script
+
+From Python: `run_benchmark(target, tokenizer, drafter, prompts, "ar,dflash,ddtree:64", temperatures=[0])`
+returns rows; `write_results(out_dir, config, rows)` writes everything below.
+
+How it measures
+---------------
+* Every method runs on the same prompts in the same process, prompt-major (for each prompt, for each
+  temperature, every method, AR first), so machine-load drift hits all methods alike.
+* `torch.manual_seed(seed + prompt_index)` before every generation; `--warmup` untimed generations per
+  method first; CaDDTree's latency calibration happens before any timing.
+* Methods: `ar` (stock generate, the baseline), `dflash` (tree_budget=None), `ddtree:N` (tree_budget=N),
+  `caddtree` (tree_budget="auto", max_tree_budget=--max-tree-budget), `pld` (transformers prompt lookup,
+  prompt_lookup_num_tokens=10), `hf-dflash` (transformers' built-in DFlash: generate(assistant_model=
+  drafter, speculation_type="dflash"); if the drafter does not speak that interface natively it is
+  driven through `runner.HFDFlashAdapter`, noted in the rows). A method that raises is not retried:
+  its rows get status "skipped" (pld, hf-dflash) or "error" (ours), with the reason; the run goes on.
+* Acceptance length = tokens committed per target forward, prefill excluded (mean of per-round
+  acceptance lengths; AR = 1.0). For stock generate() methods the rounds are read from the KV length
+  at each target forward (`runner.ForwardRecorder`).
+* Speedup = (sum of AR times) / (sum of the method's times) over the same prompts and temperature.
+
+results.json
+------------
+{
+  "schema_version": 1,
+  "config": {command, argv, process_argv, target, drafter, datasets, n_prompts, methods, temperatures,
+             max_new_tokens, limit, dtype, attn_implementation, device (CPU model or GPU name),
+             device_type, threads (rank 0), world_size, ranks: [{rank, device, threads, prompts, wall_s,
+             loadavg_start, loadavg_end (1/5/15-min load: other work on the machine), error}], wall_s,
+             rank_errors [str], seed, warmup, max_tree_budget, pld_tokens, generation_config {top_k,
+             top_p, min_p, repetition_penalty, eos_token_id}, drafter_block_size, hf_ddtree, torch,
+             transformers, python, finished},
+  "skipped": {method: {status, reason}},           # methods that never ran
+  "summary": [summary, ...],                        # as results.csv, lists kept as lists
+  "rows": [row, ...]                                # one per line in the file
+}
+
+row (one per prompt x temperature x method):
+  prompt_id str, dataset str, prompt_index int (global), prompt_tokens int, method str ("ddtree:64"),
+  kind str (ar|dflash|ddtree|caddtree|pld|hf-dflash), tree_budget int|"auto"|null, temperature float,
+  seed int, rank int, status "ok"|"skipped"|"error", reason str|null, note str|null,
+  new_tokens int, time_s float, tokens_per_s float, target_forwards int (prefill included),
+  rounds int (verify forwards), acceptance_lengths [int] (per round; null if unknown),
+  mean_acceptance_length float|null, tree_sizes [int]|null (our methods),
+  prefill_s, draft_s, tree_s, verify_s, commit_s float|null (our methods, collect_timing=True),
+  identical_to_ar bool|null (temperature 0 only), first_mismatch int|null (index into new tokens),
+  output_ids [int] (generated tokens)
+  (fields of a skipped/error row other than the identity ones are null / 0)
+
+summary (results.csv: one row per dataset x method x temperature, then dataset "all" rows pooling
+every dataset; same columns):
+  dataset, method, kind, tree_budget, temperature, status ("ok"|"partial"|"skipped"|"error"), reason,
+  note, n_prompts (ok), n_skipped, new_tokens, time_s, tokens_per_s, rounds, mean_acceptance_length,
+  speedup_vs_ar, ar_time_s, ar_tokens_per_s, identity_vs_ar (fraction, temperature 0 only),
+  n_mismatches, mismatches ("dataset/prompt_id@first_mismatch"; ";"-joined in the CSV),
+  prefill_s, draft_s, tree_s, verify_s, commit_s (sums), other_s (time not in the split: generate()
+  set-up, Python), mean_tree_size
+
+Other files: summary.md (the markdown tables printed at the end), speedup_vs_budget.png (speedup vs
+tree budget per dataset, dflash dashed / caddtree dotted, one panel per temperature),
+acceptance_hist.png (per-round acceptance lengths, one panel per method and temperature).
+Exit status: 1 if one of our methods errored or (fp32) differed from AR at temperature 0.
+"""
+
+from .report import format_markdown, summarize, write_results
+from .runner import (
+    BenchPrompt,
+    Method,
+    VALID_METHODS,
+    merge_rows,
+    parse_methods,
+    prepare_prompts,
+    run_benchmark,
+    shard_prompts,
+)
+
+__all__ = [
+    "BenchPrompt",
+    "Method",
+    "VALID_METHODS",
+    "format_markdown",
+    "merge_rows",
+    "parse_methods",
+    "prepare_prompts",
+    "run_benchmark",
+    "shard_prompts",
+    "summarize",
+    "write_results",
+]

@@ -1,0 +1,399 @@
+"""`hf-ddtree bench`: argument parsing, model and prompt loading, data-parallel sharding, output."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .runner import BenchPrompt, Method, merge_rows, parse_methods, prepare_prompts, run_benchmark, shard_prompts
+
+KNOWN_DATASETS = ("humaneval", "gsm8k", "mt-bench")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="hf-ddtree bench",
+        description=(
+            "Benchmark AR / DFlash / DDTree / CaDDTree (and transformers' PLD and DFlash) on the same prompts in "
+            "one process, methods interleaved per prompt. Writes results.json, results.csv, summary.md and plots. "
+            "Data parallel under torchrun: prompts are sharded across ranks and merged on rank 0."),
+        epilog=(
+            "example: hf-ddtree bench --target smollm2-135m --drafter default --dataset humaneval,gsm8k,mt-bench "
+            "--methods ar,dflash,ddtree:16,ddtree:64,ddtree:256,caddtree --max-new-tokens 256 --temperature 0,1 "
+            "--limit 10 --out results/run1"))
+    p.add_argument("--target", default="smollm2-135m",
+                   help="'smollm2-135m' (embedded, offline) or a local model directory / Hub repo id")
+    p.add_argument("--drafter", default="default",
+                   help="'default' (the drafter shipped for the target) or a local directory / Hub repo id of a DFlash drafter")
+    p.add_argument("--dataset", default="humaneval,gsm8k,mt-bench",
+                   help=f"comma list of {', '.join(KNOWN_DATASETS)}, or .jsonl files with one {{'text'|'input_ids', 'id'?}} per line")
+    p.add_argument("--methods", default="ar,dflash,ddtree:16,ddtree:64,ddtree:256,caddtree",
+                   help="comma list of ar, dflash, ddtree:N, caddtree, pld, hf-dflash (ar is always added: it is the baseline)")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", default="0", help="comma list; 0 = greedy (checked for identity with AR)")
+    p.add_argument("--limit", type=int, default=None, help="prompts per dataset (default: all)")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument("--device", default="auto", help="auto (cuda:LOCAL_RANK if available, else cpu), cpu, cuda, cuda:N")
+    p.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"], help="target attn_implementation")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads per process (default: torch's, divided among local ranks under torchrun)")
+    p.add_argument("--seed", type=int, default=0, help="torch.manual_seed(seed + prompt_index) before every generation")
+    p.add_argument("--warmup", type=int, default=1, help="untimed warm-up generations per method before timing")
+    p.add_argument("--max-tree-budget", type=int, default=256, help="node cap for caddtree (tree_budget='auto')")
+    p.add_argument("--pld-tokens", type=int, default=10, help="prompt_lookup_num_tokens for the pld baseline")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def parse_temperatures(spec: str) -> list[float]:
+    try:
+        temps = [float(t) for t in spec.split(",") if t.strip()]
+    except ValueError:
+        raise ValueError(f"--temperature must be a comma list of numbers >= 0, got {spec!r}") from None
+    if not temps or any(t < 0 for t in temps):
+        raise ValueError(f"--temperature must be a comma list of numbers >= 0, got {spec!r}")
+    return list(dict.fromkeys(temps))
+
+
+def _dtype(name: str) -> torch.dtype:
+    return {"fp32": torch.float32, "bf16": torch.bfloat16}[name]
+
+
+# ------------------------------------------------------------------------------------------------
+# Distributed (torchrun) helpers
+# ------------------------------------------------------------------------------------------------
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    local_world_size: int = 1
+    initialized_here: bool = False
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def dist_info_from_env(env=None) -> DistInfo:
+    env = os.environ if env is None else env
+    world = int(env.get("WORLD_SIZE", "1"))
+    rank = int(env.get("RANK", "0"))
+    local_rank = int(env.get("LOCAL_RANK", str(rank)))
+    local_world = int(env.get("LOCAL_WORLD_SIZE", str(world)))
+    return DistInfo(rank, world, local_rank, local_world)
+
+
+def init_distributed(info: DistInfo) -> DistInfo:
+    if info.world_size > 1:
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            dist.init_process_group("gloo")  # object gathering only; models run per rank
+            info.initialized_here = True
+    return info
+
+
+def gather_to_main(obj, info: DistInfo) -> list | None:
+    """[obj of rank 0, obj of rank 1, ...] on rank 0 (None elsewhere); [obj] when not distributed."""
+    if info.world_size <= 1:
+        return [obj]
+    import torch.distributed as dist
+
+    parts: list = [None] * info.world_size
+    dist.all_gather_object(parts, obj)
+    return parts if info.is_main else None
+
+
+def default_threads(info: DistInfo) -> int:
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count() or 1
+    return max(1, cores // max(1, info.local_world_size))
+
+
+# ------------------------------------------------------------------------------------------------
+# Loading
+# ------------------------------------------------------------------------------------------------
+
+def resolve_device(spec: str, info: DistInfo) -> torch.device:
+    if spec == "auto":
+        return torch.device(f"cuda:{info.local_rank % torch.cuda.device_count()}") if torch.cuda.is_available() else torch.device("cpu")
+    if spec == "cuda" and info.world_size > 1:
+        return torch.device(f"cuda:{info.local_rank % torch.cuda.device_count()}")
+    return torch.device(spec)
+
+
+def describe_device(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} (cuda)"
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{name} (cpu, {os.cpu_count()} logical cores)"
+
+
+def load_target_and_tokenizer(name: str, dtype: torch.dtype, attn: str):
+    """Known embedded targets via hf_ddtree.models.load_target; paths / Hub ids via transformers, with the
+    tokenizer optional (pre-tokenized prompts need none)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    known = ()
+    try:
+        from hf_ddtree import models
+
+        known = tuple(getattr(models, "TARGETS", ()))
+    except ImportError:
+        models = None
+    if models is not None and (name in known or not (Path(name).expanduser().exists() or "/" in name)):
+        return models.load_target(name, dtype=dtype, attn_implementation=attn)
+    path = str(Path(name).expanduser()) if Path(name).expanduser().exists() else name
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn).eval()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except Exception:  # e.g. a bare model directory; fine for token-id prompts
+        tokenizer = None
+    return model, tokenizer
+
+
+def load_drafter(spec: str, target, dtype: torch.dtype):
+    from hf_ddtree.drafter import validate_pair
+
+    device = next(target.parameters()).device
+    if spec == "default":
+        from hf_ddtree.models import load_default_drafter
+
+        drafter = load_default_drafter(target)
+    elif Path(spec).expanduser().is_dir():
+        from hf_ddtree.drafter import DFlashDraftModel
+
+        drafter = DFlashDraftModel.from_pretrained(str(Path(spec).expanduser()), dtype=dtype)
+    else:
+        from transformers import AutoModel
+
+        drafter = AutoModel.from_pretrained(spec, trust_remote_code=True, dtype=dtype)
+    drafter = drafter.to(device=device, dtype=dtype).eval()
+    validate_pair(target, drafter)
+    return drafter
+
+
+def load_pair(args, device: torch.device):
+    """(target, tokenizer, drafter) on `device`; drafter is None when no method needs one."""
+    dtype = _dtype(args.dtype)
+    target, tokenizer = load_target_and_tokenizer(args.target, dtype, args.attn)
+    target = target.to(device).eval()
+    methods = parse_methods(args.methods)
+    drafter = None
+    if any(m.kind not in ("ar", "pld") for m in methods):
+        drafter = load_drafter(args.drafter, target, dtype)
+    return target, tokenizer, drafter
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    out = []
+    with open(path) as f:
+        for i, line in enumerate(f):
+            if line.strip():
+                d = json.loads(line)
+                d.setdefault("id", str(i))
+                out.append(d)
+    return out
+
+
+def load_bench_prompts(dataset_spec: str, tokenizer, limit: int | None) -> list[BenchPrompt]:
+    """All datasets' prompts, tokenized, with global indices (identical on every rank)."""
+    items: list = []
+    for name in [d.strip() for d in dataset_spec.split(",") if d.strip()]:
+        path = Path(name).expanduser()
+        if path.suffix in (".jsonl", ".json") and path.is_file():
+            recs = _read_jsonl(path)[: limit if limit else None]
+            items += [{**r, "dataset": r.get("dataset", path.stem)} for r in recs]
+        elif name in KNOWN_DATASETS:
+            from hf_ddtree.data import load_prompts
+
+            items += [{"id": str(p.id), "dataset": str(getattr(p, "dataset", name) or name), "text": p.text}
+                      for p in load_prompts(name, limit=limit)]
+        else:
+            raise ValueError(f"unknown dataset {name!r}: use {', '.join(KNOWN_DATASETS)} or a .jsonl file path.")
+    if not items:
+        raise ValueError(f"no prompts in --dataset {dataset_spec!r}.")
+    return prepare_prompts(items, tokenizer)
+
+
+def _versions() -> dict:
+    import transformers
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version()}
+
+
+def build_config(args, argv, info: DistInfo, device: torch.device, methods: list[Method], temps, prompts,
+                 target=None, drafter=None) -> dict:
+    gc = getattr(target, "generation_config", None)
+    gen = {k: getattr(gc, k, None) for k in ("top_k", "top_p", "min_p", "repetition_penalty", "eos_token_id")} if gc else {}
+    try:
+        import hf_ddtree
+
+        version = hf_ddtree.__version__
+    except Exception:
+        version = None
+    return {
+        "command": shlex.join(["hf-ddtree", "bench", *argv]),
+        "argv": list(argv),
+        "process_argv": list(sys.argv),
+        "target": args.target,
+        "drafter": args.drafter,
+        "datasets": list(dict.fromkeys(p.dataset for p in prompts)),
+        "n_prompts": len(prompts),
+        "methods": [m.name for m in methods],
+        "temperatures": list(temps),
+        "max_new_tokens": args.max_new_tokens,
+        "limit": args.limit,
+        "dtype": args.dtype,
+        "attn_implementation": args.attn,
+        "device": describe_device(device),
+        "device_type": device.type,
+        "threads": torch.get_num_threads(),
+        "world_size": info.world_size,
+        "seed": args.seed,
+        "warmup": args.warmup,
+        "max_tree_budget": args.max_tree_budget,
+        "pld_tokens": args.pld_tokens,
+        "generation_config": gen,
+        "drafter_block_size": getattr(drafter, "block_size", None),
+        "hf_ddtree": version,
+        **_versions(),
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+# ------------------------------------------------------------------------------------------------
+# main
+# ------------------------------------------------------------------------------------------------
+
+def exit_code(rows: list[dict], dtype: str) -> int:
+    """1 if one of our methods errored, or (fp32) differed from AR at temperature 0; else 0."""
+    core = [r for r in rows if r["kind"] not in ("pld", "hf-dflash")]
+    if any(r["status"] == "error" for r in core):
+        return 1
+    if dtype == "fp32" and any(r["identical_to_ar"] is False for r in core):
+        return 1
+    return 0
+
+
+def bench_main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        methods = parse_methods(args.methods)
+        temps = parse_temperatures(args.temperature)
+    except ValueError as e:
+        parser.error(str(e))
+    if args.max_new_tokens < 1:
+        parser.error("--max-new-tokens must be >= 1")
+    if not 1 <= args.max_tree_budget <= 4096:
+        parser.error("--max-tree-budget must be in 1..4096")
+
+    info = init_distributed(dist_info_from_env())
+    try:
+        return _run(args, argv, methods, temps, info)
+    finally:
+        if info.initialized_here:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _run(args, argv, methods, temps, info: DistInfo) -> int:
+    def log(msg: str) -> None:
+        print(msg if info.world_size == 1 else f"[rank {info.rank}] {msg}", file=sys.stderr, flush=True)
+
+    device = resolve_device(args.device, info)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    elif device.type == "cpu" and info.world_size > 1:
+        torch.set_num_threads(default_threads(info))
+    torch.manual_seed(args.seed)
+
+    rows: list[dict] = []
+    rank_info = {"rank": info.rank, "device": describe_device(device), "threads": torch.get_num_threads(),
+                 "prompts": 0, "wall_s": 0.0, "loadavg_start": _loadavg(), "error": None}
+    target = drafter = None
+    prompts: list[BenchPrompt] = []
+    try:
+        log(f"loading target {args.target!r} and drafter {args.drafter!r} ({args.dtype}, {device}, "
+            f"{torch.get_num_threads()} threads) ...")
+        target, tokenizer, drafter = load_pair(args, device)
+        prompts = load_bench_prompts(args.dataset, tokenizer, args.limit)
+        mine = shard_prompts(prompts, info.rank, info.world_size)
+        rank_info["prompts"] = len(mine)
+        log(f"{len(mine)} of {len(prompts)} prompts x {len(temps)} temperature(s) x {len(methods)} methods")
+        t0 = time.perf_counter()
+        rows = run_benchmark(
+            target, tokenizer, drafter, mine, methods, temperatures=temps, max_new_tokens=args.max_new_tokens,
+            seed=args.seed, warmup=args.warmup, max_tree_budget=args.max_tree_budget, pld_tokens=args.pld_tokens,
+            rank=info.rank, progress=not args.no_progress, log=log)
+        rank_info["wall_s"] = time.perf_counter() - t0
+    except Exception as e:
+        if info.world_size == 1:
+            raise
+        # keep the other ranks from waiting forever in the gather: report the failure through it
+        import traceback
+
+        rank_info["error"] = f"{type(e).__name__}: {e}"
+        log("failed:\n" + traceback.format_exc())
+    rank_info["loadavg_end"] = _loadavg()
+
+    parts = gather_to_main((rows, rank_info), info)
+    if parts is None:
+        return 1 if rank_info["error"] else exit_code(rows, args.dtype)
+    errors = [f"rank {p[1]['rank']}: {p[1]['error']}" for p in parts if p[1]["error"]]
+    if errors and not any(p[0] for p in parts):
+        for e in errors:
+            log(f"ERROR {e}")
+        return 1
+    all_rows = merge_rows([p[0] for p in parts], [m.name for m in methods])
+    config = build_config(args, argv, info, device, methods, temps, prompts, target, drafter)
+    config["ranks"] = [p[1] for p in parts]
+    config["wall_s"] = max(p[1]["wall_s"] for p in parts)
+    config["rank_errors"] = errors
+
+    from .report import write_results
+
+    res = write_results(args.out, config, all_rows, [m.name for m in methods], plots=not args.no_plots)
+    print(res["markdown"])
+    for s in res["summary"]:
+        if s["dataset"] == "all" and s["n_mismatches"]:
+            log(f"WARNING: {s['method']} T={s['temperature']:g} differs from AR on {s['n_mismatches']} prompt(s): "
+                f"{', '.join(s['mismatches'][:10])}")
+    for e in errors:
+        log(f"ERROR {e} (its prompts are missing from the results)")
+    log("wrote " + ", ".join(sorted(res["files"].values())))
+    return 1 if errors else exit_code(all_rows, args.dtype)
+
+
+def _loadavg() -> list[float] | None:
+    """1/5/15-minute load averages: other work on the machine, to read timings against."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
