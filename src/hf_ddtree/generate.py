@@ -327,6 +327,8 @@ def _d2sd_generate(self, inputs, generation_config, *args, drafters, tree_budget
     method = method or "d2sd"
     if method not in D2SD_METHODS:
         raise ValueError(f"two drafters run D2SD: method must be one of {D2SD_METHODS}, got {method!r}.")
+    if tree_budget == "auto":
+        raise ValueError("tree_budget='auto' (CaDDTree) takes one drafter; D2SD needs an int tree_budget (e.g. 64).")
     _, budget = _resolve_method("ddtree", 64 if tree_budget is None else tree_budget)
     for name, v in (("d2sd_boundaries", d2sd_boundaries), ("d2sd_alternatives", d2sd_alternatives)):
         if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 64:
