@@ -178,6 +178,9 @@ class DFlashDraftModel(Qwen3PreTrainedModel):
             layer_ids = default_target_layer_ids(int(dflash_field(config, "num_target_layers")),
                                                  config.num_hidden_layers)
         self.target_layer_ids = [int(i) for i in layer_ids]
+        # mirror the fields at the config's top level, where transformers' built-in DFlash reads them
+        config.block_size, config.mask_token_id = self.block_size, self.mask_token_id
+        config.target_layer_ids = list(self.target_layer_ids)
         self.layers = nn.ModuleList([DFlashDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
         self.norm = Qwen3RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = Qwen3RotaryEmbedding(config)
