@@ -136,6 +136,8 @@ class D2SDProposer:
         self.block1 = torch.full((1, state1.spec.block_size), state1.spec.mask_token_id, dtype=torch.long)
 
     def propose(self, root_token: int, context: torch.Tensor, past: int, depth_limit: int) -> Tree:
+        if self.max_nodes == 0:  # budget 0: the root alone, nothing to draft
+            return build_chain(root_token, torch.empty(0, dtype=torch.long))
         D, A = depth_limit, self.alternatives
         self.block1[0, 0] = root_token
         lp1 = self.s1.draft(self.block1, context, past)[0, :D]  # (D, V)
