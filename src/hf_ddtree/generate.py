@@ -109,11 +109,7 @@ def _pick(scores_row: torch.Tensor, do_sample: bool) -> int:
 
 def _resolve_budget(method: str, tree_budget, block_size: int) -> int:
     """Largest number of tree nodes a round may verify (sizes the cache)."""
-    if method == "dflash":
-        return block_size - 1
-    if method == "auto":
-        return int(tree_budget)
-    return int(tree_budget)
+    return block_size - 1 if method == "dflash" else int(tree_budget)
 
 
 @torch.no_grad()
