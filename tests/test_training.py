@@ -1,0 +1,271 @@
+"""DFlash drafter training on a tiny Qwen3 target: features cache, the packed objective, resume, CLI, lossless decode."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import Qwen3Config, Qwen3ForCausalLM
+from transformers.cache_utils import DynamicCache
+
+import hf_ddtree
+from hf_ddtree.drafter import DFlashDraftModel
+from hf_ddtree.training import cli as train_cli
+from hf_ddtree.training.features import FeatureStore, extract_features, target_features
+from hf_ddtree.training.train import (
+    IGNORE,
+    TrainConfig,
+    build_drafter,
+    decay_weight,
+    default_gamma,
+    drafter_forward,
+    make_blocks,
+    sample_anchors,
+    sample_prefix_lens,
+    split_train_val,
+    train_drafter,
+)
+
+LAYERS = [0, 2]
+BS = 8
+MASK = 127
+PROMPT_LEN, NEW_TOKENS, N_RECORDS = 6, 40, 10
+
+
+def _tiny_target(seed: int = 0) -> Qwen3ForCausalLM:
+    torch.manual_seed(seed)
+    cfg = Qwen3Config(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
+                      tie_word_embeddings=False, eos_token_id=None, pad_token_id=0, bos_token_id=None)
+    model = Qwen3ForCausalLM(cfg).eval()
+    with torch.no_grad():  # a random init is near-uniform; make it peaked and token-driven like a trained LM
+        model.model.embed_tokens.weight.mul_(4.0)
+        model.lm_head.weight.mul_(20.0)
+    return model
+
+
+@pytest.fixture(scope="module")
+def target():
+    return _tiny_target()
+
+
+@pytest.fixture(scope="module")
+def records(target):
+    """Prompts answered greedily BY THE TARGET ITSELF (one batched generate)."""
+    g = torch.Generator().manual_seed(1)
+    prompts = torch.randint(1, 127, (N_RECORDS, PROMPT_LEN), generator=g)
+    out = target.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=NEW_TOKENS,
+                          min_new_tokens=NEW_TOKENS, do_sample=False)
+    return [{"id": f"r{i}", "prompt_ids": prompts[i].tolist(), "response_ids": out[i, PROMPT_LEN:].tolist(),
+             "mode": "greedy", "source": "test"} for i in range(N_RECORDS)]
+
+
+@pytest.fixture(scope="module")
+def store(target, records, tmp_path_factory):
+    d = tmp_path_factory.mktemp("features")
+    extract_features(target, records, d, LAYERS, shard_tokens=150, progress=False)
+    return FeatureStore(d, layer_ids=LAYERS)
+
+
+@pytest.fixture(scope="module")
+def trained(target, store, tmp_path_factory):
+    """40 steps from a fresh init (fp32): (out_dir, TrainResult)."""
+    out = tmp_path_factory.mktemp("run")
+    train_idx, val_idx = split_train_val(store.ids, 0.2)
+    drafter = build_drafter(target, num_layers=1, block_size=BS, mask_token_id=MASK, target_layer_ids=LAYERS,
+                            init_from_target=False, seed=0)
+    cfg = TrainConfig(block_size=BS, anchors_per_seq=16, batch_tokens=256, steps=40, lr=1e-2, warmup_steps=3,
+                      bf16=False, eval_every=20, save_every=0, log_every=5, progress=False)
+    result = train_drafter(target, drafter, store, out, cfg, train_idx=train_idx, val_idx=val_idx)
+    print(f"\ntiny drafter training throughput: {result.tokens_per_s:.0f} block tok/s "
+          f"({torch.get_num_threads()} threads, fp32), val {result.val}")
+    return out, result
+
+
+# ---- features ---------------------------------------------------------------------------------
+
+def test_features_roundtrip_resume_and_refusal(target, records, store, tmp_path):
+    assert len(store) == N_RECORDS and len(store.index["shards"]) > 1
+    for i in (0, 3, N_RECORDS - 1):
+        feats, ids, plen = store.get(i)
+        rec = records[i]
+        assert ids.tolist() == rec["prompt_ids"] + rec["response_ids"] and plen == PROMPT_LEN
+        with torch.no_grad():
+            out = target(ids[None], output_hidden_states=True)
+        fresh = torch.cat([out.hidden_states[l + 1][0] for l in LAYERS], -1)
+        assert feats.dtype == torch.bfloat16 and feats.shape == (ids.shape[0], len(LAYERS) * 64)
+        torch.testing.assert_close(feats.float(), fresh.to(torch.bfloat16).float(), rtol=0, atol=0)
+        assert torch.equal(feats, target_features(target, ids, LAYERS).to(torch.bfloat16))
+
+    d = tmp_path / "f"
+    extract_features(target, records[:4], d, LAYERS, progress=False)
+    again = extract_features(target, records, d, LAYERS, progress=False)  # resumes: only the 6 new ones
+    assert again["last_run"]["records"] == N_RECORDS - 4 and len(again["records"]) == N_RECORDS
+    assert extract_features(target, records, d, LAYERS, progress=False)["last_run"]["records"] == 0
+    with pytest.raises(ValueError, match="layers"):
+        extract_features(target, records, d, [1, 2], progress=False)
+    with pytest.raises(ValueError, match="another target model"):
+        extract_features(_tiny_target(seed=5), records, d, LAYERS, progress=False)
+    with pytest.raises(ValueError, match="layers"):
+        FeatureStore(d, layer_ids=[0, 3])
+    changed = [{**records[0], "response_ids": records[0]["response_ids"][:-1]}]
+    with pytest.raises(ValueError, match="other tokens"):
+        extract_features(target, changed, d, LAYERS, progress=False)
+
+
+# ---- the objective ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("attn,prefix", [("sdpa", False), ("eager", False), ("sdpa", True)])
+def test_packed_training_forward_equals_inference(target, store, attn, prefix):
+    """Block k of one packed training forward == the drafter called as generate.py calls it."""
+    drafter = build_drafter(target, num_layers=2, block_size=BS, mask_token_id=MASK, target_layer_ids=LAYERS,
+                            init_from_target=False, seed=3).eval()
+    drafter.set_attn_implementation(attn)
+    embed = target.get_input_embeddings()
+    feats, ids, plen = store.get(2)
+    T = ids.shape[0]
+    anchors = torch.tensor([plen, plen + 5, plen + 11, T - 5, T - 2])  # the last two blocks are clipped
+    g = torch.Generator().manual_seed(0)
+    prefix_lens = sample_prefix_lens(T, anchors, BS, g) if prefix else None
+    blocks = make_blocks(ids, anchors, BS, MASK, prefix_lens)
+    with torch.no_grad():
+        packed = drafter_forward(drafter, embed, feats, blocks).view(len(anchors), BS, -1)
+        for k, a in enumerate(anchors.tolist()):
+            noise = torch.full((1, BS), MASK, dtype=torch.long)
+            noise[0, 0] = ids[a]
+            if prefix:
+                p = int(prefix_lens[k])
+                noise[0, 1:p + 1] = ids[a + 1:a + p + 1]
+            ref = drafter(position_ids=torch.arange(0, a + BS)[None], noise_embedding=embed(noise),
+                          target_hidden=feats[:a][None], past_key_values=DynamicCache(), use_cache=True,
+                          is_causal=False)[0]
+            torch.testing.assert_close(packed[k], ref, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(target.lm_head(packed[k]), target.lm_head(ref), rtol=1e-4, atol=1e-4)
+
+
+def test_blocks_labels_and_prefix_mode():
+    ids = torch.arange(100, 120)  # T = 20
+    anchors = torch.tensor([4, 10, 17])
+    b = make_blocks(ids, anchors, BS, MASK)
+    lab = b.labels.view(3, BS)
+    assert (lab[:, 0] == IGNORE).all()
+    assert lab[0, 1:].tolist() == list(range(105, 112))
+    assert lab[2].tolist() == [IGNORE, 118, 119] + [IGNORE] * 5  # clipped at the end of the sequence
+    assert b.block_ids.view(3, BS)[:, 1:].eq(MASK).all() and b.block_ids.view(3, BS)[:, 0].tolist() == [104, 110, 117]
+    assert b.position_ids.tolist() == list(range(20)) + [p for a in (4, 10, 17) for p in range(a, a + BS)]
+    assert b.allowed.shape == (3 * BS, 20 + 3 * BS)
+    assert b.allowed[BS, :20].tolist() == [True] * 10 + [False] * 10  # block 1 sees context < 10 ...
+    assert b.allowed[BS, 20:].tolist() == [False] * BS + [True] * BS + [False] * BS  # ... and its own block
+
+    pre = make_blocks(ids, anchors, BS, MASK, torch.tensor([0, 3, 1]))
+    blk, lab = pre.block_ids.view(3, BS), pre.labels.view(3, BS)
+    assert blk[1].tolist() == [110, 111, 112, 113] + [MASK] * 4
+    assert lab[1].tolist() == [IGNORE] * 4 + [114, 115, 116, 117]  # only masked positions are labelled
+    w = decay_weight(pre.distance, default_gamma(BS)).view(3, BS) * (lab != IGNORE)
+    assert w[1, 4] == 1.0 and w[1, :4].eq(0).all() and (w[1, 5:] < w[1, 4:7]).all()
+
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        a = sample_anchors(20, 6, 32, g)
+        assert a.min() >= 6 and a.max() <= 18 and len(a) == 13
+        p = sample_prefix_lens(20, a, BS, g)
+        assert (p >= 0).all() and (p <= BS - 2).all() and (a + p + 1 <= 19).all()
+    assert default_gamma(16) == 7.0
+    assert split_train_val([f"x{i}" for i in range(30)], 0.1) == split_train_val([f"x{i}" for i in range(30)], 0.1)
+
+
+def test_init_from_target_copies_top_layers(target):
+    d = build_drafter(target, num_layers=2, block_size=BS, mask_token_id=MASK, target_layer_ids=LAYERS,
+                      init_from_target=True)
+    for i, src in ((0, 2), (1, 3)):
+        assert torch.equal(d.layers[i].self_attn.q_proj.weight, target.model.layers[src].self_attn.q_proj.weight)
+        assert torch.equal(d.layers[i].mlp.down_proj.weight, target.model.layers[src].mlp.down_proj.weight)
+    assert torch.equal(d.norm.weight, target.model.norm.weight)
+
+
+# ---- training ---------------------------------------------------------------------------------
+
+def test_loss_falls_and_logs(trained):
+    out, result = trained
+    first, last = sum(result.losses[:3]) / 3, sum(result.losses[-5:]) / 5
+    assert last < 0.6 * first, (first, last)
+    lines = [json.loads(l) for l in (out / "train_log.jsonl").read_text().splitlines()]
+    vals = [l["val"] for l in lines if "val" in l and l.get("val")]
+    assert vals and len(vals[-1]["acc"]) == BS - 1 and vals[-1]["tau"] >= 1.0
+    assert any("tok_per_s" in l and "lr" in l for l in lines)
+    assert (out / "final" / "train_log.jsonl").exists()
+
+
+def test_resume_reproduces_uninterrupted_run(target, store, tmp_path):
+    cfg = TrainConfig(block_size=BS, anchors_per_seq=8, batch_tokens=128, steps=6, lr=5e-3, warmup_steps=2,
+                      bf16=True, eval_every=0, save_every=3, progress=False)
+
+    def fresh():
+        return build_drafter(target, num_layers=1, block_size=BS, mask_token_id=MASK, target_layer_ids=LAYERS,
+                             init_from_target=True, seed=7)
+
+    full = fresh()
+    ref = train_drafter(target, full, store, tmp_path / "a", cfg)
+    part = fresh()
+    first = train_drafter(target, part, store, tmp_path / "b", cfg, stop_after=3)
+    assert first.step == 3 and first.final_dir is None and (tmp_path / "b" / "checkpoint-last").exists()
+    resumed_model = fresh()
+    rest = train_drafter(target, resumed_model, store, tmp_path / "b", cfg, resume=True)
+    assert rest.step == 6 and rest.losses == ref.losses[3:] and first.losses == ref.losses[:3]
+    for (n, p), (_, q) in zip(full.state_dict().items(), resumed_model.state_dict().items()):
+        assert torch.equal(p, q), n
+
+
+def test_prefix_mode_saves_variable_prefix(target, store, tmp_path):
+    drafter = build_drafter(target, num_layers=1, block_size=BS, mask_token_id=MASK, target_layer_ids=LAYERS,
+                            prefix_mode=True)
+    cfg = TrainConfig(block_size=BS, anchors_per_seq=8, batch_tokens=128, steps=2, bf16=False, prefix_mode=True,
+                      eval_every=0, save_every=0, progress=False)
+    res = train_drafter(target, drafter, store, tmp_path, cfg)
+    loaded = DFlashDraftModel.from_pretrained(res.final_dir)
+    assert loaded.config.dflash_config["variable_prefix"] is True
+    assert loaded.config.dflash_config["target_layer_ids"] == LAYERS
+
+
+def test_trained_drafter_decodes_losslessly(target, records, trained):
+    out, _ = trained
+    drafter = DFlashDraftModel.from_pretrained(out / "final").eval()
+    assert drafter.block_size == BS and drafter.mask_token_id == MASK
+    hf_ddtree.enable(target)
+    try:
+        for prompt in (records[0]["prompt_ids"], records[7]["prompt_ids"], [5, 9, 33, 2]):
+            ids = torch.tensor([prompt])
+            ref = target.generate(ids, max_new_tokens=24, do_sample=False)
+            got = target.generate(ids, assistant_model=drafter, tree_budget=8, do_sample=False, max_new_tokens=24,
+                                  return_dict_in_generate=True)
+            assert torch.equal(got.sequences, ref)
+        train_prompt = torch.tensor([records[1]["prompt_ids"]])
+        got = target.generate(train_prompt, assistant_model=drafter, tree_budget=8, do_sample=False,
+                              max_new_tokens=24, return_dict_in_generate=True)
+        print(f"\nmean acceptance length on a training prompt: {got.stats.mean_acceptance_length:.2f}")
+        assert got.stats.mean_acceptance_length > 1.0  # it learned something about its training data
+    finally:
+        hf_ddtree.disable(target)
+
+
+def test_cli_end_to_end(target, records, tmp_path, monkeypatch):
+    monkeypatch.setattr(train_cli, "_load_target", lambda name, dtype: (target, None))
+    resp = tmp_path / "responses.jsonl"
+    resp.write_text("".join(json.dumps(r) + "\n" for r in records))
+    out = tmp_path / "run"
+    argv = ["--target", "tiny", "--responses", str(resp), "--out", str(out), "--layers", "1", "--block-size",
+            str(BS), "--target-layer-ids", "0,2", "--mask-token-id", str(MASK), "--steps", "4", "--batch-tokens",
+            "128", "--anchors-per-seq", "8", "--no-bf16", "--val-fraction", "0.2", "--eval-every", "2",
+            "--save-every", "2", "--log-every", "1", "--stop-after", "2", "--no-progress"]
+    assert train_cli.train_drafter_main(argv) == 0
+    assert not (out / "final").exists() and (out / "checkpoint-last").exists()
+    assert train_cli.train_drafter_main(argv + ["--resume"]) == 0
+    loaded = DFlashDraftModel.from_pretrained(out / "final")
+    assert loaded.target_layer_ids == LAYERS
+    cmd = (out / "command.txt").read_text()
+    assert "--features-dir" in cmd and "--no-init-from-target" not in cmd and "--init-from-target" in cmd
+    index = json.loads((out / "features" / "index.json").read_text())
+    assert len(index["records"]) == N_RECORDS and index["layer_ids"] == LAYERS
+    log = [json.loads(l) for l in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [l["step"] for l in log if "loss" in l] == [1, 2, 3, 4]
