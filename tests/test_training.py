@@ -269,3 +269,32 @@ def test_cli_end_to_end(target, records, tmp_path, monkeypatch):
     assert len(index["records"]) == N_RECORDS and index["layer_ids"] == LAYERS
     log = [json.loads(l) for l in (out / "train_log.jsonl").read_text().splitlines()]
     assert [l["step"] for l in log if "loss" in l] == [1, 2, 3, 4]
+
+
+def test_cli_init_from_drafter_warm_starts(target, records, trained, tmp_path, monkeypatch):
+    """--init-from-drafter starts a (prefix-mode) run from an existing drafter's exact weights."""
+    monkeypatch.setattr(train_cli, "_load_target", lambda name, dtype: (target, None))
+    resp = tmp_path / "responses.jsonl"
+    resp.write_text("".join(json.dumps(r) + "\n" for r in records))
+    src = trained[0] / "final"
+    seen = {}
+
+    def spy(target_, drafter, *a, **k):
+        seen["state"] = {n: p.detach().clone() for n, p in drafter.state_dict().items()}
+        raise SystemExit(0)
+
+    import hf_ddtree.training.train as train_mod
+    monkeypatch.setattr(train_mod, "train_drafter", spy)
+    argv = ["--target", "tiny", "--responses", str(resp), "--out", str(tmp_path / "run"), "--layers", "1",
+            "--block-size", str(BS), "--target-layer-ids", ",".join(map(str, LAYERS)), "--mask-token-id", str(MASK),
+            "--steps", "1", "--no-bf16", "--no-progress", "--prefix-mode", "--init-from-drafter", str(src)]
+    with pytest.raises(SystemExit):
+        train_cli.train_drafter_main(argv)
+    want = DFlashDraftModel.from_pretrained(src).state_dict()
+    assert seen["state"].keys() == want.keys()
+    assert all(torch.equal(seen["state"][k], want[k]) for k in want)
+
+    bad = argv[:argv.index("--layers") + 1] + ["2"] + argv[argv.index("--layers") + 2:]
+    with pytest.raises(SystemExit) as err:
+        train_cli.train_drafter_main(bad)
+    assert err.value.code == 2  # argparse error naming the mismatch

@@ -72,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--intermediate-size", type=int, default=None, help="drafter MLP width (default: the target's)")
     g.add_argument("--init-from-target", action=argparse.BooleanOptionalAction, default=True,
                    help="initialise the drafter layers from the target's top layers (DFlash: fresh init)")
+    g.add_argument("--init-from-drafter", default=None, metavar="DIR",
+                   help="start from this drafter's weights (same shapes; e.g. warm-start a --prefix-mode drafter "
+                        "from a trained plain one); overrides --init-from-target")
     g.add_argument("--prefix-mode", action="store_true",
                    help="variable-prefix drafter (D^2SD): k ~ U[0, bs-2] clean tokens after the anchor")
     g = p.add_argument_group("optimisation")
@@ -184,6 +187,15 @@ def train_drafter_main(argv=None) -> int:
                             mask_token_id=args.mask_token_id, target_layer_ids=layer_ids,
                             intermediate_size=args.intermediate_size, init_from_target=args.init_from_target,
                             prefix_mode=args.prefix_mode, seed=args.seed)
+    if args.init_from_drafter:
+        from safetensors.torch import load_file
+
+        state = load_file(str(Path(args.init_from_drafter) / "model.safetensors"))
+        try:
+            drafter.load_state_dict(state, strict=True)
+        except RuntimeError as err:
+            parser.error(f"--init-from-drafter {args.init_from_drafter}: weights do not fit this drafter "
+                         f"(same --layers/--block-size/--target-layer-ids needed): {err}")
     b1, b2 = (float(x) for x in args.betas.split(","))
     config = TrainConfig(
         block_size=args.block_size, anchors_per_seq=args.anchors_per_seq, batch_tokens=args.batch_tokens,
