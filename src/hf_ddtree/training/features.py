@@ -43,6 +43,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from .responses import read_records  # noqa: F401  (kept importable from here)
+
 FORMAT = "hf_ddtree-features/1"
 INDEX = "index.json"
 
@@ -133,21 +135,6 @@ def _record_ids(rec: Mapping) -> tuple[list[int], int]:
     prompt = [int(t) for t in rec["prompt_ids"]]
     response = [int(t) for t in rec["response_ids"]]
     return prompt + response, len(prompt)
-
-
-def read_records(path: str | os.PathLike) -> list[dict]:
-    """Records of a responses JSONL file (a torn last line from an interrupted writer is ignored)."""
-    records = []
-    with open(path) as f:
-        for line in f:
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                break
-    return records
 
 
 def extract_features(
