@@ -50,6 +50,16 @@ def tiny_drafter(target, seed: int = 1):
     return DFlashDraftModel(cfg).float().eval()
 
 
+def tiny_prefix_drafter(target, seed: int = 2, target_layer_ids=(0, 1)):
+    """A second tiny random drafter, flagged variable-prefix like a `--prefix-mode` one (D^2SD's drafter 2)."""
+    torch.manual_seed(seed)
+    cfg = make_drafter_config(target.config, num_hidden_layers=1, block_size=8, mask_token_id=VOCAB - 1,
+                              target_layer_ids=list(target_layer_ids))
+    cfg.initializer_range = 0.1
+    cfg.dflash_config = {**cfg.dflash_config, "variable_prefix": True}
+    return DFlashDraftModel(cfg).float().eval()
+
+
 def tiny_prompts(n_per_dataset: int = 2, datasets=("code", "math"), seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     out = []
@@ -109,8 +119,14 @@ def test_parse_methods_and_bad_name():
             parse_methods(f"ar,{bad}")
         msg = str(e.value)
         assert repr(bad) in msg
-        for valid in ("ar", "dflash", "ddtree:N", "caddtree", "pld", "hf-dflash"):
+        for valid in ("ar", "dflash", "ddtree:N", "caddtree", "d2sd:N", "d2sd-tree:N", "pld", "hf-dflash"):
             assert valid in msg
+    ms = parse_methods("d2sd-tree:8,d2sd:8,D2SD:8")
+    assert [(m.name, m.kind, m.tree_budget, m.needs_drafter2) for m in ms] == [
+        ("ar", "ar", None, False), ("d2sd-tree:8", "d2sd-tree", 8, True), ("d2sd:8", "d2sd", 8, True)]
+    for bad in ("d2sd", "d2sd-tree", "d2sd:0", "d2sd-tree:x", "d2sd-chain:8"):
+        with pytest.raises(ValueError, match=repr(bad)):
+            parse_methods(bad)
 
 
 def test_cli_bad_method_exits_with_valid_list(capsys):
@@ -120,7 +136,10 @@ def test_cli_bad_method_exits_with_valid_list(capsys):
         bench_main(["--methods", "ar,medusa", "--out", "unused"])
     assert e.value.code == 2
     err = capsys.readouterr().err
-    assert "'medusa'" in err and "ddtree:N" in err and "hf-dflash" in err
+    assert "'medusa'" in err and "ddtree:N" in err and "hf-dflash" in err and "d2sd-tree:N" in err
+    with pytest.raises(SystemExit) as e:
+        bench_main(["--methods", "ar,d2sd:8", "--d2sd-boundaries", "0", "--out", "unused"])
+    assert e.value.code == 2 and "--d2sd-boundaries" in capsys.readouterr().err
 
 
 # ---- one benchmark run ----------------------------------------------------------------------------
@@ -287,6 +306,98 @@ def test_failing_baseline_is_skipped_not_fatal(pair):
     assert s["hf-dflash"]["status"] == "skipped" and s["hf-dflash"]["speedup_vs_ar"] is None
 
 
+# ---- D^2SD (two drafters) ------------------------------------------------------------------------
+
+D2SD_METHODS = "ar,ddtree:8,d2sd:8,d2sd-tree:8"
+
+
+@pytest.fixture(scope="module")
+def d2sd_bench(pair, tmp_path_factory):
+    target, drafter = pair
+    rows = run_benchmark(target, None, drafter, tiny_prompts(1), D2SD_METHODS, temperatures=TEMPS,
+                         max_new_tokens=NEW, warmup=1, drafter2=tiny_prefix_drafter(target), d2sd_boundaries=2,
+                         progress=False, log=lambda s: None)
+    out = tmp_path_factory.mktemp("bench_d2sd")
+    res = write_results(out, {"command": "test"}, rows, [m.name for m in parse_methods(D2SD_METHODS)])
+    return rows, res, out
+
+
+def test_d2sd_rows_identity_and_accounting(d2sd_bench):
+    rows, res, _ = d2sd_bench
+    for name, kind in (("d2sd:8", "d2sd"), ("d2sd-tree:8", "d2sd-tree")):
+        sel = [r for r in rows if r["method"] == name]
+        assert len(sel) == 2 * len(TEMPS)
+        for r in sel:
+            assert r["status"] == "ok", r["reason"]
+            assert r["kind"] == kind and r["tree_budget"] == 8 and r["note"] is None
+            assert r["new_tokens"] == NEW
+            if r["temperature"] == 0:
+                assert r["identical_to_ar"] is True, (name, r["prompt_id"], r["first_mismatch"])
+            acc = r["acceptance_lengths"]
+            assert all(a >= 1 for a in acc) and r["mean_acceptance_length"] >= 1
+            assert sum(acc) == NEW - 1 and r["rounds"] == len(acc) == r["target_forwards"] - 1
+            assert len(r["tree_sizes"]) == len(acc) and max(r["tree_sizes"]) <= 8 + 1
+            assert all(r[k] is not None and r[k] >= 0 for k in ("prefill_s", "draft_s", "tree_s", "verify_s", "commit_s"))
+        for s in res["summary"]:
+            if s["method"] == name:
+                assert s["status"] == "ok" and s["kind"] == kind and s["mean_acceptance_length"] >= 1
+                assert s["speedup_vs_ar"] > 0 and s["other_s"] is not None
+                if s["temperature"] == 0:
+                    assert s["identity_vs_ar"] == 1.0 and s["n_mismatches"] == 0
+
+
+def test_d2sd_in_files_and_own_plot_series(d2sd_bench, monkeypatch, tmp_path):
+    rows, res, out = d2sd_bench
+    with open(out / "results.csv") as f:
+        recs = list(csv.DictReader(f))
+    assert {(r["dataset"], r["method"]) for r in recs if r["kind"].startswith("d2sd")} == {
+        (d, m) for d in ("code", "math", "all") for m in ("d2sd:8", "d2sd-tree:8")}
+    data = json.loads((out / "results.json").read_text())
+    assert {r["method"] for r in data["rows"]} >= {"d2sd:8", "d2sd-tree:8"} and data["skipped"] == {}
+    assert "| d2sd:8 |" in res["markdown"] and "| d2sd-tree:8 |" in res["markdown"]
+    assert (out / "speedup_vs_budget.png").is_file()
+
+    from matplotlib.axes import Axes
+
+    from hf_ddtree.bench.report import plot_speedup_vs_budget
+
+    labels = []
+    real = Axes.plot
+    monkeypatch.setattr(Axes, "plot", lambda self, *a, **kw: (labels.append(kw.get("label")), real(self, *a, **kw))[1])
+    assert plot_speedup_vs_budget(res["summary"], tmp_path / "p.png")
+    assert {"all: ddtree", "all: d2sd", "all: d2sd-tree"} <= set(labels)
+    labels.clear()
+    only = [s for s in res["summary"] if s["kind"] in ("ar", "d2sd")]  # d2sd alone still makes the plot
+    assert plot_speedup_vs_budget(only, tmp_path / "q.png") and "all: d2sd" in labels
+
+
+def test_d2sd_without_drafter2_is_skipped_with_reason(pair):
+    target, drafter = pair
+    rows = run_benchmark(target, None, drafter, tiny_prompts(1, ("x",)), "ar,d2sd:8,ddtree:4,d2sd-tree:8",
+                         max_new_tokens=6, warmup=1, drafter2_error="no drafter here", progress=False,
+                         log=lambda s: None)
+    st = {r["method"]: r for r in rows}
+    for m in ("d2sd:8", "d2sd-tree:8"):
+        assert st[m]["status"] == "skipped" and "no drafter here" in st[m]["reason"]
+        assert st[m]["output_ids"] is None and st[m]["identical_to_ar"] is None
+    assert st["ddtree:4"]["status"] == "ok" and st["ddtree:4"]["identical_to_ar"] is True
+    s = {x["method"]: x for x in summarize(rows) if x["dataset"] == "all"}
+    assert s["d2sd:8"]["status"] == "skipped" and "no drafter here" in s["d2sd:8"]["reason"]
+    from hf_ddtree.bench.cli import exit_code
+    from hf_ddtree.bench.report import build_results
+
+    assert build_results({}, rows, summarize(rows))["skipped"]["d2sd-tree:8"]["status"] == "skipped"
+    assert exit_code(rows, "fp32") == 0  # a missing optional drafter is not a failure
+
+
+def test_d2sd_plain_drafter2_runs_with_note(pair):
+    target, drafter = pair
+    rows = run_benchmark(target, None, drafter, tiny_prompts(1, ("x",)), "ar,d2sd:4", max_new_tokens=6, warmup=0,
+                         drafter2=tiny_drafter(target, seed=3), progress=False, log=lambda s: None)
+    r = rows[-1]
+    assert r["status"] == "ok" and r["identical_to_ar"] is True and "variable_prefix" in r["note"]
+
+
 # ---- sharding -------------------------------------------------------------------------------------
 
 def test_shard_merge_roundtrip_synthetic():
@@ -332,6 +443,45 @@ def saved_pair(pair, tmp_path_factory):
         for p in tiny_prompts(2, ("j",), seed=7):
             f.write(json.dumps({"id": p["id"], "input_ids": p["input_ids"]}) + "\n")
     return d
+
+
+def test_cli_d2sd(saved_pair, pair, tmp_path, monkeypatch, capsys):
+    """--drafter2 DIR runs d2sd:N / d2sd-tree:N; --drafter2 default with no shipped prefix drafter, or a
+    drafter2 that does not fit drafter 1, reports them as skipped with the reason (exit 0)."""
+    from hf_ddtree import models
+    from hf_ddtree.bench.cli import bench_main, build_parser, load_drafter2
+
+    target, drafter = pair
+    d2 = tmp_path / "drafter2"
+    tiny_prefix_drafter(target).save_pretrained(d2)
+    base = ["--target", str(saved_pair / "target"), "--drafter", str(saved_pair / "drafter"),
+            "--dataset", str(saved_pair / "prompts.jsonl"), "--methods", "ar,d2sd:4,d2sd-tree:4",
+            "--max-new-tokens", "6", "--temperature", "0", "--threads", "1", "--warmup", "0", "--no-plots",
+            "--no-progress"]
+    assert bench_main(base + ["--drafter2", str(d2), "--d2sd-boundaries", "2", "--out", str(tmp_path / "a")]) == 0
+    data = json.loads((tmp_path / "a" / "results.json").read_text())
+    assert data["config"]["drafter2"] == str(d2) and data["config"]["d2sd_boundaries"] == 2
+    assert [r["status"] for r in data["rows"]] == ["ok"] * 6 and all(r["identical_to_ar"] for r in data["rows"])
+
+    monkeypatch.setattr(models, "_ASSETS", tmp_path / "no-assets")
+    assert bench_main(base + ["--out", str(tmp_path / "b")]) == 0  # --drafter2 default
+    capsys.readouterr()
+    data = json.loads((tmp_path / "b" / "results.json").read_text())
+    assert data["config"]["drafter2"] == "default"
+    assert set(data["skipped"]) == {"d2sd:4", "d2sd-tree:4"}
+    for r in data["rows"]:
+        if r["kind"] == "ar":
+            assert r["status"] == "ok"
+        else:
+            assert r["status"] == "skipped" and "train-drafter --prefix-mode --init-from-drafter" in r["reason"]
+
+    bad = tmp_path / "bad"
+    tiny_prefix_drafter(target, target_layer_ids=(0, 2)).save_pretrained(bad)
+    args = build_parser().parse_args(["--methods", "d2sd:4", "--drafter2", str(bad), "--out", "x"])
+    d, why = load_drafter2(args, target, drafter)
+    assert d is None and "target layers" in why
+    args = build_parser().parse_args(["--methods", "ddtree:4", "--drafter2", str(bad), "--out", "x"])
+    assert load_drafter2(args, target, drafter) == (None, None)  # not needed: not loaded
 
 
 def test_cli_in_process(saved_pair, tmp_path, capsys):

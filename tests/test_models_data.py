@@ -203,6 +203,48 @@ def test_missing_drafter_names_train_command(monkeypatch, tmp_path):
         models.load_default_pair()  # fails before loading the target
 
 
+def test_missing_prefix_drafter_names_prefix_train_command(monkeypatch, tmp_path):
+    monkeypatch.setattr(models, "_ASSETS", tmp_path)
+    (tmp_path / "smollm2-135m").mkdir()  # a plain drafter being present does not satisfy variant="prefix"
+    with pytest.raises(FileNotFoundError) as e:
+        models.load_default_drafter(object(), variant="prefix")
+    msg = str(e.value)
+    assert "hf-ddtree train-drafter --prefix-mode --init-from-drafter" in msg
+    assert str(tmp_path / "smollm2-135m-prefix") in msg
+    with pytest.raises(ValueError, match="variant"):
+        models.load_default_drafter(object(), variant="medusa")
+
+
+def test_default_drafter_variants_load_from_assets(monkeypatch, tmp_path):
+    """Both shipped variants load from <assets>/<name>[-prefix] onto the target's dtype, validated;
+    the prefix variant must say variable_prefix in its config."""
+    from conftest import build_drafter, build_target
+
+    torch.set_num_threads(1)
+    monkeypatch.setattr(models, "_ASSETS", tmp_path)
+    target = build_target()
+    plain = build_drafter(target, seed=1)
+    prefix = build_drafter(target, seed=2)
+    prefix.config.dflash_config = {**prefix.config.dflash_config, "variable_prefix": True}
+    plain.save_pretrained(tmp_path / "smollm2-135m")
+    prefix.save_pretrained(tmp_path / "smollm2-135m-prefix")
+    assert models.default_drafter_dir(variant="prefix") == tmp_path / "smollm2-135m-prefix"
+
+    d2 = models.load_default_drafter(target, variant="prefix")
+    assert d2.config.dflash_config["variable_prefix"] is True and not d2.training
+    assert next(d2.parameters()).dtype == torch.float32
+    for k, v in prefix.state_dict().items():
+        assert torch.equal(d2.state_dict()[k], v), k
+    d1 = models.load_default_drafter(target)  # variant "dflash": unchanged behaviour
+    assert not d1.config.dflash_config.get("variable_prefix")
+    for k, v in plain.state_dict().items():
+        assert torch.equal(d1.state_dict()[k], v), k
+
+    plain.save_pretrained(tmp_path / "smollm2-135m-prefix")  # a plain drafter shipped as the prefix one
+    with pytest.raises(ValueError, match="variable_prefix"):
+        models.load_default_drafter(target, variant="prefix")
+
+
 def test_mask_token_registry():
     assert set(models.DEFAULT_MASK_TOKEN_ID) == set(models.TARGETS)
 

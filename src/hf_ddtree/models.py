@@ -25,6 +25,7 @@ import torch
 
 __all__ = [
     "DEFAULT_MASK_TOKEN_ID",
+    "DRAFTER_VARIANTS",
     "TARGETS",
     "KnownTarget",
     "cache_root",
@@ -88,6 +89,10 @@ DEFAULT_MASK_TOKEN_ID: dict[str, int] = {
 _MARKER = "hf_ddtree_conversion.json"
 _FORMAT_VERSION = 1
 _ASSETS = Path(__file__).resolve().parent / "assets" / "drafters"
+# Shipped drafter variants -> directory suffix under _ASSETS. "dflash": the plain DFlash drafter (drafter 1,
+# and the only one DFlash / DDTree / CaDDTree need); "prefix": the variable-prefix drafter that D^2SD uses as
+# drafter 2 (its config carries dflash_config["variable_prefix"] = True).
+DRAFTER_VARIANTS: dict[str, str] = {"dflash": "", "prefix": "-prefix"}
 
 
 def _known_names() -> str:
@@ -117,10 +122,18 @@ def converted_model_dir(name: str = DEFAULT_TARGET, cache_dir: str | os.PathLike
     return cache_root(cache_dir) / "models" / name
 
 
-def default_drafter_dir(name: str = DEFAULT_TARGET) -> Path:
-    """The drafter shipped inside the package for a known target (config.json + model.safetensors)."""
+def _variant(variant: str) -> str:
+    if variant not in DRAFTER_VARIANTS:
+        raise ValueError(f"Unknown drafter variant {variant!r}: use one of {', '.join(DRAFTER_VARIANTS)}.")
+    return variant
+
+
+def default_drafter_dir(name: str = DEFAULT_TARGET, variant: str = "dflash") -> Path:
+    """The drafter shipped inside the package for a known target (config.json + model.safetensors):
+    `assets/drafters/<name>` for variant "dflash", `assets/drafters/<name>-prefix` for variant "prefix"
+    (the variable-prefix drafter D^2SD uses as its second drafter)."""
     _known(name)
-    return _ASSETS / name
+    return _ASSETS / f"{name}{DRAFTER_VARIANTS[_variant(variant)]}"
 
 
 def find_gguf(name: str = DEFAULT_TARGET) -> Path:
@@ -316,16 +329,24 @@ def load_target(
     return model, tokenizer
 
 
-def load_default_drafter(target, name: str | None = None):
-    """Load the DFlash drafter shipped in the package for `target`, on its device and dtype, validated.
+def load_default_drafter(target, name: str | None = None, variant: str = "dflash"):
+    """Load a drafter shipped in the package for `target`, on its device and dtype, validated.
 
     `name` defaults to the known target `target` was loaded as by `load_target` (else "smollm2-135m").
+    `variant`: "dflash" (the plain DFlash drafter, the default) or "prefix" (the variable-prefix drafter,
+    D^2SD's second drafter: `target.generate(ids, assistant_model=(drafter, prefix_drafter), method="d2sd")`).
     """
+    variant = _variant(variant)
     name = name or getattr(target, "_hf_ddtree_target", None) or DEFAULT_TARGET
-    path = _require_drafter(name)
+    path = _require_drafter(name, variant)
     from .drafter import DFlashDraftModel, validate_pair
 
     drafter = DFlashDraftModel.from_pretrained(str(path), use_safetensors=True)
+    if variant == "prefix" and not (getattr(drafter.config, "dflash_config", None) or {}).get("variable_prefix"):
+        raise ValueError(
+            f"{path} holds no variable-prefix drafter: its config lacks dflash_config['variable_prefix'] = true. "
+            "Train one with `hf-ddtree train-drafter --prefix-mode --init-from-drafter <plain drafter dir> ...`."
+        )
     param = next(target.parameters())
     drafter.to(device=param.device, dtype=param.dtype)
     drafter.eval()
@@ -333,17 +354,24 @@ def load_default_drafter(target, name: str | None = None):
     return drafter
 
 
-def _require_drafter(name: str) -> Path:
-    path = default_drafter_dir(name)
+def _require_drafter(name: str, variant: str = "dflash") -> Path:
+    path = default_drafter_dir(name, variant)
     missing = [f for f in ("config.json", "model.safetensors") if not (path / f).is_file()]
-    if missing:
+    if not missing:
+        return path
+    if variant == "prefix":
         raise FileNotFoundError(
-            f"No drafter is shipped for target {name!r}: {', '.join(missing)} missing in {path}. Train one with "
-            f"`hf-ddtree train-drafter` (see `hf-ddtree train-drafter --help`; use mask token id "
-            f"{DEFAULT_MASK_TOKEN_ID.get(name)}) and save it there (config.json + model.safetensors), or pass "
-            "your own drafter to generate()."
+            f"No variable-prefix (D^2SD) drafter is shipped for target {name!r}: {', '.join(missing)} missing in "
+            f"{path}. Train one from the plain drafter with `hf-ddtree train-drafter --prefix-mode "
+            f"--init-from-drafter {default_drafter_dir(name)} ...` (see `hf-ddtree train-drafter --help`) and save "
+            "it there (config.json + model.safetensors), or pass your own second drafter to generate()."
         )
-    return path
+    raise FileNotFoundError(
+        f"No drafter is shipped for target {name!r}: {', '.join(missing)} missing in {path}. Train one with "
+        f"`hf-ddtree train-drafter` (see `hf-ddtree train-drafter --help`; use mask token id "
+        f"{DEFAULT_MASK_TOKEN_ID.get(name)}) and save it there (config.json + model.safetensors), or pass "
+        "your own drafter to generate()."
+    )
 
 
 def load_default_pair(

@@ -1,13 +1,15 @@
-"""Benchmarks: AR vs DFlash vs DDTree vs CaDDTree (plus transformers' PLD and DFlash) on the same prompts.
+"""Benchmarks: AR vs DFlash vs DDTree vs CaDDTree vs D^2SD (plus transformers' PLD and DFlash) on the same prompts.
 
     hf-ddtree bench --target smollm2-135m --drafter default --dataset humaneval,gsm8k,mt-bench \\
         --methods ar,dflash,ddtree:16,ddtree:64,ddtree:256,caddtree --max-new-tokens 256 \\
         --temperature 0,1 --limit 10 --out results/run1
+    hf-ddtree bench ... --methods ar,ddtree:64,d2sd:64,d2sd-tree:64 --drafter2 default --d2sd-boundaries 4 ...
     torchrun --nproc_per_node 2 -m hf_ddtree.cli bench ...     # data parallel: prompts sharded over ranks
     torchrun --no-python --nproc_per_node 2 hf-ddtree bench ...  # the same through the console script
 
 From Python: `run_benchmark(target, tokenizer, drafter, prompts, "ar,dflash,ddtree:64", temperatures=[0])`
-returns rows; `write_results(out_dir, config, rows)` writes everything below.
+returns rows (D^2SD methods also take `drafter2=<variable-prefix drafter>, d2sd_boundaries=4`);
+`write_results(out_dir, config, rows)` writes everything below.
 
 How it measures
 ---------------
@@ -16,11 +18,17 @@ How it measures
 * `torch.manual_seed(seed + prompt_index)` before every generation; `--warmup` untimed generations per
   method first; CaDDTree's latency calibration happens before any timing.
 * Methods: `ar` (stock generate, the baseline), `dflash` (tree_budget=None), `ddtree:N` (tree_budget=N),
-  `caddtree` (tree_budget="auto", max_tree_budget=--max-tree-budget), `pld` (transformers prompt lookup,
-  prompt_lookup_num_tokens=10), `hf-dflash` (transformers' built-in DFlash: generate(assistant_model=
-  drafter, speculation_type="dflash"); if the drafter does not speak that interface natively it is
-  driven through `runner.HFDFlashAdapter`, noted in the rows). A method that raises is not retried:
-  its rows get status "skipped" (pld, hf-dflash) or "error" (ours), with the reason; the run goes on.
+  `caddtree` (tree_budget="auto", max_tree_budget=--max-tree-budget), `d2sd:N` / `d2sd-tree:N` (D^2SD:
+  assistant_model=(drafter, drafter2), method="d2sd" / "d2sd-tree", tree_budget=N,
+  d2sd_boundaries=--d2sd-boundaries; drafter2 = --drafter2, by default the variable-prefix drafter shipped
+  for the target, `models.load_default_drafter(target, variant="prefix")`; if it cannot be loaded, or
+  does not fit drafter 1 (target layers, block size), these methods are "skipped" with the reason and
+  the run goes on; a drafter2 without dflash_config["variable_prefix"] runs, noted; draft_s holds both
+  drafters' forwards), `pld` (transformers prompt lookup, prompt_lookup_num_tokens=10), `hf-dflash`
+  (transformers' built-in DFlash: generate(assistant_model=drafter, speculation_type="dflash"); if the
+  drafter does not speak that interface natively it is driven through `runner.HFDFlashAdapter`, noted
+  in the rows). A method that raises is not retried: its rows get status "skipped" (pld, hf-dflash)
+  or "error" (ours, d2sd included), with the reason; the run goes on.
 * Acceptance length = tokens committed per target forward, prefill excluded (mean of per-round
   acceptance lengths; AR = 1.0). For stock generate() methods the rounds are read from the KV length
   at each target forward (`runner.ForwardRecorder`).
@@ -30,7 +38,8 @@ results.json
 ------------
 {
   "schema_version": 1,
-  "config": {command, argv, process_argv, target, drafter, datasets, n_prompts, methods, temperatures,
+  "config": {command, argv, process_argv, target, drafter, drafter2 (null when no d2sd method),
+             d2sd_boundaries, datasets, n_prompts, methods, temperatures,
              max_new_tokens, limit, dtype, attn_implementation, device (CPU model or GPU name),
              device_type, threads (rank 0), world_size, ranks: [{rank, device, threads, prompts, wall_s,
              loadavg_start, loadavg_end (1/5/15-min load: other work on the machine), error}], wall_s,
@@ -44,7 +53,8 @@ results.json
 
 row (one per prompt x temperature x method):
   prompt_id str, dataset str, prompt_index int (global), prompt_tokens int, method str ("ddtree:64"),
-  kind str (ar|dflash|ddtree|caddtree|pld|hf-dflash), tree_budget int|"auto"|null, temperature float,
+  kind str (ar|dflash|ddtree|caddtree|d2sd|d2sd-tree|pld|hf-dflash), tree_budget int (ddtree/d2sd/d2sd-tree)
+  |"auto" (caddtree)|null, temperature float,
   seed int, rank int, status "ok"|"skipped"|"error", reason str|null, note str|null,
   new_tokens int, time_s float, tokens_per_s float, target_forwards int (prefill included),
   rounds int (verify forwards), acceptance_lengths [int] (per round; null if unknown),
@@ -64,7 +74,8 @@ every dataset; same columns):
   set-up, Python), mean_tree_size
 
 Other files: summary.md (the markdown tables printed at the end), speedup_vs_budget.png (speedup vs
-tree budget per dataset, dflash dashed / caddtree dotted, one panel per temperature),
+tree budget per dataset: ddtree:N circles, d2sd:N squares, d2sd-tree:N triangles as their own lines,
+dflash dashed / caddtree dotted horizontals, one panel per temperature),
 acceptance_hist.png (per-round acceptance lengths, one panel per method and temperature).
 Exit status: 1 if one of our methods errored or (fp32) differed from AR at temperature 0.
 """

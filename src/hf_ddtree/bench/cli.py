@@ -23,7 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="hf-ddtree bench",
         description=(
-            "Benchmark AR / DFlash / DDTree / CaDDTree (and transformers' PLD and DFlash) on the same prompts in "
+            "Benchmark AR / DFlash / DDTree / CaDDTree / D^2SD (and transformers' PLD and DFlash) on the same prompts in "
             "one process, methods interleaved per prompt. Writes results.json, results.csv, summary.md and plots. "
             "Data parallel under torchrun: prompts are sharded across ranks and merged on rank 0."),
         epilog=(
@@ -36,8 +36,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="'default' (the drafter shipped for the target) or a local directory / Hub repo id of a DFlash drafter")
     p.add_argument("--dataset", default="humaneval,gsm8k,mt-bench",
                    help=f"comma list of {', '.join(KNOWN_DATASETS)}, or .jsonl files with one {{'text'|'input_ids', 'id'?}} per line")
+    p.add_argument("--drafter2", default="default",
+                   help="second, variable-prefix drafter for d2sd:N / d2sd-tree:N: 'default' (the one shipped for the "
+                        "target, assets/drafters/<target>-prefix) or a local directory / Hub repo id. If it cannot be "
+                        "loaded, the d2sd methods are reported as skipped with the reason")
+    p.add_argument("--d2sd-boundaries", type=int, default=4,
+                   help="D^2SD: rejection depths per round at which drafter 2 re-anchors (1..64)")
     p.add_argument("--methods", default="ar,dflash,ddtree:16,ddtree:64,ddtree:256,caddtree",
-                   help="comma list of ar, dflash, ddtree:N, caddtree, pld, hf-dflash (ar is always added: it is the baseline)")
+                   help="comma list of ar, dflash, ddtree:N, caddtree, d2sd:N, d2sd-tree:N, pld, hf-dflash "
+                        "(N = tree budget; ar is always added: it is the baseline)")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", default="0", help="comma list; 0 = greedy (checked for identity with AR)")
     p.add_argument("--limit", type=int, default=None, help="prompts per dataset (default: all)")
@@ -175,14 +182,16 @@ def load_target_and_tokenizer(name: str, dtype: torch.dtype, attn: str):
     return model, tokenizer
 
 
-def load_drafter(spec: str, target, dtype: torch.dtype):
+def load_drafter(spec: str, target, dtype: torch.dtype, variant: str = "dflash"):
+    """'default' -> the drafter shipped for the target (`variant` "dflash", or "prefix" for D^2SD's second
+    drafter); else a local directory or a Hub repo id. Moved to the target's device, validated."""
     from hf_ddtree.drafter import validate_pair
 
     device = next(target.parameters()).device
     if spec == "default":
         from hf_ddtree.models import load_default_drafter
 
-        drafter = load_default_drafter(target)
+        drafter = load_default_drafter(target, variant=variant)
     elif Path(spec).expanduser().is_dir():
         from hf_ddtree.drafter import DFlashDraftModel
 
@@ -194,6 +203,27 @@ def load_drafter(spec: str, target, dtype: torch.dtype):
     drafter = drafter.to(device=device, dtype=dtype).eval()
     validate_pair(target, drafter)
     return drafter
+
+
+def load_drafter2(args, target, drafter) -> tuple[object | None, str | None]:
+    """(drafter2, None), or (None, why) when a d2sd method is asked for but --drafter2 cannot be used;
+    (None, None) when no method needs it. Never raises: the d2sd methods are then reported as skipped."""
+    if not any(m.needs_drafter2 for m in parse_methods(args.methods)):
+        return None, None
+    try:
+        d2 = load_drafter(args.drafter2, target, _dtype(args.dtype), variant="prefix")
+        if drafter is not None:
+            from hf_ddtree.drafter import drafter_spec
+
+            s1, s2 = drafter_spec(drafter), drafter_spec(d2)
+            if list(s1.target_layer_ids) != list(s2.target_layer_ids):
+                raise ValueError(f"it reads target layers {list(s2.target_layer_ids)}, drafter 1 reads "
+                                 f"{list(s1.target_layer_ids)}")
+            if s2.block_size < s1.block_size:
+                raise ValueError(f"its block_size {s2.block_size} is below drafter 1's {s1.block_size}")
+        return d2, None
+    except Exception as e:
+        return None, f"--drafter2 {args.drafter2!r}: {type(e).__name__}: {e}"
 
 
 def load_pair(args, device: torch.device):
@@ -261,6 +291,8 @@ def build_config(args, argv, info: DistInfo, device: torch.device, methods: list
         "process_argv": list(sys.argv),
         "target": args.target,
         "drafter": args.drafter,
+        "drafter2": args.drafter2 if any(m.needs_drafter2 for m in methods) else None,
+        "d2sd_boundaries": args.d2sd_boundaries,
         "datasets": list(dict.fromkeys(p.dataset for p in prompts)),
         "n_prompts": len(prompts),
         "methods": [m.name for m in methods],
@@ -312,6 +344,8 @@ def bench_main(argv=None) -> int:
         parser.error("--max-new-tokens must be >= 1")
     if not 1 <= args.max_tree_budget <= 4096:
         parser.error("--max-tree-budget must be in 1..4096")
+    if not 1 <= args.d2sd_boundaries <= 64:
+        parser.error("--d2sd-boundaries must be in 1..64")
 
     info = init_distributed(dist_info_from_env())
     try:
@@ -343,6 +377,9 @@ def _run(args, argv, methods, temps, info: DistInfo) -> int:
         log(f"loading target {args.target!r} and drafter {args.drafter!r} ({args.dtype}, {device}, "
             f"{torch.get_num_threads()} threads) ...")
         target, tokenizer, drafter = load_pair(args, device)
+        drafter2, drafter2_error = load_drafter2(args, target, drafter)
+        if drafter2_error:
+            log(f"second drafter unavailable, d2sd methods will be skipped: {drafter2_error}")
         prompts = load_bench_prompts(args.dataset, tokenizer, args.limit)
         mine = shard_prompts(prompts, info.rank, info.world_size)
         rank_info["prompts"] = len(mine)
@@ -351,6 +388,7 @@ def _run(args, argv, methods, temps, info: DistInfo) -> int:
         rows = run_benchmark(
             target, tokenizer, drafter, mine, methods, temperatures=temps, max_new_tokens=args.max_new_tokens,
             seed=args.seed, warmup=args.warmup, max_tree_budget=args.max_tree_budget, pld_tokens=args.pld_tokens,
+            drafter2=drafter2, drafter2_error=drafter2_error, d2sd_boundaries=args.d2sd_boundaries,
             rank=info.rank, progress=not args.no_progress, log=log)
         rank_info["wall_s"] = time.perf_counter() - t0
     except Exception as e:

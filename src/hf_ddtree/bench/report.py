@@ -257,12 +257,17 @@ def _figure(w, h):
     return fig
 
 
+# kinds drawn as speedup-vs-budget series, with their matplotlib format strings
+BUDGET_SERIES = {"ddtree": "o-", "d2sd": "s-.", "d2sd-tree": "^--"}
+
+
 def plot_speedup_vs_budget(summaries: Sequence[dict], path: str | os.PathLike) -> str | None:
-    """Speedup vs tree budget: one line per dataset over the ddtree:N points (log2 x), dashed
+    """Speedup vs tree budget: per dataset, one line over the ddtree:N points (log2 x, circles) and one
+    each over the d2sd:N (squares, dash-dot) and d2sd-tree:N (triangles, dashed) points, dashed
     horizontal lines for dflash and dotted for caddtree in the same colour; one panel per temperature."""
     ok = [s for s in summaries if s["status"] in ("ok", "partial") and s["speedup_vs_ar"] is not None]
     temps = sorted(_ordered_unique(s["temperature"] for s in ok))
-    if not temps or not any(s["kind"] in ("ddtree", "dflash", "caddtree") for s in ok):
+    if not temps or not any(s["kind"] in ("ddtree", "dflash", "caddtree", *BUDGET_SERIES) for s in ok):
         return None
     datasets = _ordered_unique(s["dataset"] for s in ok)
     if len([d for d in datasets if d != ALL]) == 1:
@@ -271,14 +276,15 @@ def plot_speedup_vs_budget(summaries: Sequence[dict], path: str | os.PathLike) -
     axes = fig.subplots(1, len(temps), squeeze=False)[0]
     colors = {d: ("k" if d == ALL else f"C{i}") for i, d in enumerate(datasets)}
     for ax, t in zip(axes, temps):
-        budgets = sorted({s["tree_budget"] for s in ok if s["kind"] == "ddtree" and s["temperature"] == t})
+        budgets = sorted({s["tree_budget"] for s in ok if s["kind"] in BUDGET_SERIES and s["temperature"] == t})
         for d in datasets:
             c = colors[d]
             lw = 2.4 if d == ALL else 1.4
-            pts = sorted((s["tree_budget"], s["speedup_vs_ar"]) for s in ok
-                         if s["kind"] == "ddtree" and s["dataset"] == d and s["temperature"] == t)
-            if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color=c, lw=lw, label=f"{d}: ddtree")
+            for kind, style in BUDGET_SERIES.items():
+                pts = sorted((s["tree_budget"], s["speedup_vs_ar"]) for s in ok
+                             if s["kind"] == kind and s["dataset"] == d and s["temperature"] == t)
+                if pts:
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], style, color=c, lw=lw, label=f"{d}: {kind}")
             for kind, ls in (("dflash", "--"), ("caddtree", ":")):
                 for s in ok:
                     if s["kind"] == kind and s["dataset"] == d and s["temperature"] == t:

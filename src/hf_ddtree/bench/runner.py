@@ -17,8 +17,10 @@ import torch
 # Methods
 # ------------------------------------------------------------------------------------------------
 
-VALID_METHODS = ("ar", "dflash", "ddtree:N", "caddtree", "pld", "hf-dflash")
+VALID_METHODS = ("ar", "dflash", "ddtree:N", "caddtree", "d2sd:N", "d2sd-tree:N", "pld", "hf-dflash")
 BASELINES = ("pld", "hf-dflash")  # comparison points from transformers itself; skipped (not fatal) if they fail
+BUDGETED = ("ddtree", "d2sd", "d2sd-tree")  # kinds written KIND:N, N = tree budget
+D2SD_KINDS = ("d2sd", "d2sd-tree")  # need the second (variable-prefix) drafter
 MAX_BUDGET = 4096
 
 
@@ -26,18 +28,23 @@ MAX_BUDGET = 4096
 class Method:
     """One decoding method. `name` is the canonical spelling used in rows, summaries and plots."""
 
-    name: str  # "ar", "dflash", "ddtree:64", "caddtree", "pld", "hf-dflash"
-    kind: str  # "ar", "dflash", "ddtree", "caddtree", "pld", "hf-dflash"
-    budget: int | None = None  # ddtree:N -> N
+    name: str  # "ar", "dflash", "ddtree:64", "caddtree", "d2sd:64", "d2sd-tree:64", "pld", "hf-dflash"
+    kind: str  # "ar", "dflash", "ddtree", "caddtree", "d2sd", "d2sd-tree", "pld", "hf-dflash"
+    budget: int | None = None  # ddtree:N / d2sd:N / d2sd-tree:N -> N
 
     @property
     def is_baseline(self) -> bool:
         return self.kind in BASELINES
 
     @property
+    def needs_drafter2(self) -> bool:
+        return self.kind in D2SD_KINDS
+
+    @property
     def tree_budget(self) -> int | str | None:
-        """What the row records as tree budget: N for ddtree:N, "auto" for caddtree, else None."""
-        if self.kind == "ddtree":
+        """What the row records as tree budget: N for ddtree:N / d2sd:N / d2sd-tree:N, "auto" for caddtree,
+        else None."""
+        if self.kind in BUDGETED:
             return self.budget
         if self.kind == "caddtree":
             return "auto"
@@ -48,6 +55,7 @@ def _method_error(token: str, why: str = "") -> ValueError:
     return ValueError(
         f"unknown method {token!r}{': ' + why if why else ''}. Valid methods: {', '.join(VALID_METHODS)} "
         f"(N = tree budget, an int in 1..{MAX_BUDGET}, e.g. ddtree:64). Example: --methods ar,dflash,ddtree:16,ddtree:64,caddtree"
+        f",d2sd:64,d2sd-tree:64"
     )
 
 
@@ -55,14 +63,14 @@ def parse_method(token: str) -> Method:
     t = token.strip().lower()
     if t in ("ar", "dflash", "caddtree", "pld", "hf-dflash"):
         return Method(t, t)
-    if t.startswith("ddtree"):
-        rest = t[len("ddtree"):]
-        if not rest.startswith(":") or not rest[1:].isdigit():
-            raise _method_error(token, "ddtree needs a budget, written ddtree:N")
-        n = int(rest[1:])
+    kind, sep, rest = t.partition(":")
+    if kind in BUDGETED:
+        if not sep or not rest.isdigit():
+            raise _method_error(token, f"{kind} needs a budget, written {kind}:N")
+        n = int(rest)
         if not 1 <= n <= MAX_BUDGET:
             raise _method_error(token, f"the budget must be in 1..{MAX_BUDGET}")
-        return Method(f"ddtree:{n}", "ddtree", n)
+        return Method(f"{kind}:{n}", kind, n)
     raise _method_error(token)
 
 
@@ -277,8 +285,10 @@ def _sync(device: torch.device) -> None:
 class _MethodRunner:
     """Calls generate() for each method; decides once how hf-dflash runs (natively or via the adapter)."""
 
-    def __init__(self, target, drafter, *, max_tree_budget: int, pld_tokens: int):
-        self.target, self.drafter = target, drafter
+    def __init__(self, target, drafter, *, max_tree_budget: int, pld_tokens: int, drafter2=None,
+                 d2sd_boundaries: int = 4):
+        self.target, self.drafter, self.drafter2 = target, drafter, drafter2
+        self.d2sd_boundaries = int(d2sd_boundaries)
         self.max_tree_budget = int(max_tree_budget)
         self.pld_tokens = int(pld_tokens)
         self.device = next(target.parameters()).device
@@ -339,14 +349,18 @@ class _MethodRunner:
                 n_forwards = len(rec.starts)
                 accept = rec.acceptance_lengths(seq.shape[1])
             else:
+                assistant = self.drafter
                 if method.kind == "dflash":
                     extra = dict(tree_budget=None)
                 elif method.kind == "ddtree":
                     extra = dict(tree_budget=method.budget)
+                elif method.kind in D2SD_KINDS:
+                    assistant = (self.drafter, self.drafter2)
+                    extra = dict(method=method.kind, tree_budget=method.budget, d2sd_boundaries=self.d2sd_boundaries)
                 else:  # caddtree
                     extra = dict(tree_budget="auto", max_tree_budget=self.max_tree_budget)
                 t0 = time.perf_counter()
-                out = t.generate(ids, assistant_model=self.drafter, **kw, **extra, **spec_kw)
+                out = t.generate(ids, assistant_model=assistant, **kw, **extra, **spec_kw)
                 _sync(self.device)
                 dt = time.perf_counter() - t0
                 seq = out.sequences
@@ -410,6 +424,9 @@ def run_benchmark(
     warmup: int = 1,
     max_tree_budget: int = 256,
     pld_tokens: int = 10,
+    drafter2=None,
+    drafter2_error: str | None = None,
+    d2sd_boundaries: int = 4,
     rank: int = 0,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
@@ -421,6 +438,8 @@ def run_benchmark(
     their global `index` (sharded runs). `methods`: "ar,dflash,ddtree:64,..." or Method objects.
     Seeds: torch.manual_seed(seed + prompt.index) before every call. A method that raises is recorded
     (status "skipped" for baselines, "error" otherwise, with the reason) and not retried; the run goes on.
+    `drafter2` (the variable-prefix drafter) and `d2sd_boundaries` serve d2sd:N / d2sd-tree:N; without a
+    drafter2 those methods are "skipped" with `drafter2_error` (why it could not be had) as the reason.
     """
     import hf_ddtree
 
@@ -430,7 +449,7 @@ def run_benchmark(
     methods = list(methods)
     if methods and methods[0].kind != "ar" and any(m.kind == "ar" for m in methods):
         methods = [m for m in methods if m.kind == "ar"] + [m for m in methods if m.kind != "ar"]
-    needs_drafter = [m.name for m in methods if m.kind in ("dflash", "ddtree", "caddtree", "hf-dflash")]
+    needs_drafter = [m.name for m in methods if m.kind in ("dflash", "ddtree", "caddtree", "hf-dflash", *D2SD_KINDS)]
     if drafter is None and needs_drafter:
         raise ValueError(f"methods {needs_drafter} need a drafter; pass one or drop them.")
     if all(isinstance(p, BenchPrompt) for p in prompts):
@@ -444,8 +463,18 @@ def run_benchmark(
     if not getattr(target, "_hf_ddtree_enabled", False):
         hf_ddtree.enable(target)
     device = next(target.parameters()).device
-    runner = _MethodRunner(target, drafter, max_tree_budget=max_tree_budget, pld_tokens=pld_tokens)
+    runner = _MethodRunner(target, drafter, max_tree_budget=max_tree_budget, pld_tokens=pld_tokens,
+                           drafter2=drafter2, d2sd_boundaries=d2sd_boundaries)
     disabled: dict[str, tuple[str, str]] = {}  # method name -> (status, reason)
+    d2sd = [m for m in methods if m.needs_drafter2]
+    if d2sd and drafter2 is None:
+        reason = f"no second (variable-prefix) drafter: {drafter2_error or 'none given (drafter2=...)'}"
+        for m in d2sd:
+            disabled[m.name] = ("skipped", reason)
+        log(f"[bench] {', '.join(m.name for m in d2sd)} skipped ({reason})")
+    elif d2sd and not (getattr(drafter2.config, "dflash_config", None) or {}).get("variable_prefix"):
+        for m in d2sd:  # still lossless, but drafter 2 was not trained for re-anchored prefixes
+            runner.notes[m.name] = "drafter 2 is not a variable-prefix drafter (dflash_config.variable_prefix unset)"
 
     def fail(method: Method, e: BaseException, where: str) -> None:
         status = "skipped" if method.is_baseline else "error"
