@@ -128,6 +128,30 @@ def test_shipped_drafter_loads(converted):
     assert next(drafter.parameters()).dtype == torch.float32
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(not (models._ASSETS / "smollm2-135m-prefix" / "model.safetensors").is_file(),
+                    reason="no variable-prefix drafter shipped yet")
+def test_shipped_pair_is_lossless_on_a_held_out_prompt(converted):
+    """The embedded target with the shipped drafters (DDTree, DFlash chain, D2SD) reproduces stock greedy."""
+    import hf_ddtree
+    from hf_ddtree.data import load_prompts, to_chat_ids
+
+    target, tokenizer = converted["model"], converted["tokenizer"]
+    drafter = models.load_default_drafter(target)
+    prefix = models.load_default_drafter(target, variant="prefix")
+    assert prefix.config.dflash_config.get("variable_prefix") is True
+    ids = to_chat_ids(tokenizer, load_prompts("gsm8k", limit=1)[0].text)
+    ref = target.generate(ids, do_sample=False, max_new_tokens=20)
+    hf_ddtree.enable(target)
+    try:
+        for kwargs in (dict(assistant_model=drafter, tree_budget=16), dict(assistant_model=drafter),
+                       dict(assistant_model=(drafter, prefix), method="d2sd-tree", tree_budget=16)):
+            out = target.generate(ids, do_sample=False, max_new_tokens=20, **kwargs)
+            assert torch.equal(out, ref), kwargs
+    finally:
+        hf_ddtree.disable(target)
+
+
 # ------------------------------------------------------------------ cache logic (no real model needed)
 
 
