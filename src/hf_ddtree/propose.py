@@ -148,12 +148,13 @@ class D2SDProposer:
 
         # drafter 2: one block per (boundary j, alternative): [root, chain[:j], alt, mask, ...]
         bs2 = self.s2.spec.block_size
-        jl, cl = js.tolist(), chain_ids.tolist()
-        blocks = torch.full((len(jl) * A, bs2), self.s2.spec.mask_token_id, dtype=torch.long)
+        cl = chain_ids.tolist()
+        branches = [(k, j, a) for k, j in enumerate(js.tolist()) for a in range(A)]  # row b of drafter 2
+        blocks = torch.full((len(branches), bs2), self.s2.spec.mask_token_id, dtype=torch.long)
         blocks[:, 0] = root_token
-        for b, (j, a) in enumerate((j, a) for j in jl for a in range(A)):
+        for b, (k, j, a) in enumerate(branches):
             blocks[b, 1:j + 1] = chain_ids[:j].cpu()
-            blocks[b, j + 1] = alt_ids[jl.index(j), a]
+            blocks[b, j + 1] = alt_ids[k, a]
         lp2 = self.s2.draft(blocks, context, past)  # (K*A, bs2-1, V): [b, m] predicts depth m + 1
         self.lap("draft_s")
 
@@ -164,8 +165,7 @@ class D2SDProposer:
         else:
             paths = [(cl, chain_lp.tolist())]
         cont_lp, cont_ids = lp2[:, :D].max(-1)  # (K*A, D)
-        for b, (j, a) in enumerate((j, a) for j in jl for a in range(A)):
-            k = jl.index(j)
+        for b, (k, j, a) in enumerate(branches):
             toks = cl[:j] + [int(alt_ids[k, a])] + cont_ids[b, j + 1:D].tolist()
             lps = chain_lp[:j].tolist() + [float(alt_lp[k, a])] + cont_lp[b, j + 1:D].tolist()
             paths.append((toks, lps))
