@@ -19,7 +19,6 @@ from __future__ import annotations
 import ast
 import gzip
 import hashlib
-import importlib.metadata
 import json
 import os
 import random
@@ -28,6 +27,8 @@ import sysconfig
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+
+from ._packaged import installed_file
 
 __all__ = [
     "EVAL_SETS",
@@ -86,17 +87,7 @@ def format_prompt(dataset: str, raw: str) -> str:
 
 
 def _installed_file(source: _Source) -> Path | None:
-    try:
-        dist = importlib.metadata.distribution(source.package)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-    path = Path(str(dist.locate_file(source.file)))
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{source.package} {dist.version} is installed but {source.file} is missing ({path}). "
-            f"Reinstall with `{source.install_command} --force-reinstall`."
-        )
-    return path
+    return installed_file(source.package, source.file, source.install_command)
 
 
 def _read_jsonl(path: Path) -> list[dict]:

