@@ -368,3 +368,31 @@ def test_python_docs_training_prompts(monkeypatch):
         data._python_doc_prompts.cache_clear()  # drop the partial result
     with pytest.raises(ValueError, match="sharegpt"):
         data.load_training_prompts(source="wikipedia")
+
+
+def test_python_stub_prompts_use_the_humaneval_format(monkeypatch):
+    files = [f for f in data._stdlib_files() if f.name in {"textwrap.py", "shlex.py"}]
+    monkeypatch.setattr(data, "_stdlib_files", lambda: files)
+    data._python_stub_prompts.cache_clear()
+    try:
+        a = data.load_training_prompts(None, source="python-stubs")
+        assert a and {p.dataset for p in a} == {"python-stubs"}
+        dedent = [p for p in a if "def dedent(text):" in p.text]
+        assert len(dedent) == 1
+        he = data.format_prompt("humaneval", "QQQ").split("QQQ")
+        assert dedent[0].text.startswith(he[0]) and dedent[0].text.endswith(he[1])
+        assert '    """Remove any common leading whitespace' in dedent[0].text
+        assert not any("(self" in p.text for p in a)  # methods are shown as plain functions
+        assert not {p.text for p in a} & _eval_texts()
+    finally:
+        data._python_stub_prompts.cache_clear()
+
+
+def test_synthetic_math_prompts_use_the_gsm8k_format():
+    a = data.load_training_prompts(200, seed=0, source="synthetic-math")
+    assert len(a) == 200 and a == data.load_training_prompts(200, seed=0, source="synthetic-math")
+    assert {p.dataset for p in a} == {"synthetic-math"}
+    suffix = data.format_prompt("gsm8k", "QQQ").split("QQQ")[1]
+    assert all(p.text.endswith(suffix) and "{" not in p.text.removesuffix(suffix) for p in a)
+    assert len({p.text for p in a}) == 200
+    assert not {p.text for p in data.load_training_prompts(None, source="synthetic-math")} & _eval_texts()

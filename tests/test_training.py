@@ -20,11 +20,15 @@ from hf_ddtree.training.train import (
     decay_weight,
     default_gamma,
     drafter_forward,
+    head_shortlist,
     make_blocks,
+    restrict_head,
     sample_anchors,
     sample_prefix_lens,
     split_train_val,
+    token_counts,
     train_drafter,
+    weighted_ce_sum,
 )
 
 LAYERS = [0, 2]
@@ -195,6 +199,39 @@ def test_loss_falls_and_logs(trained):
     assert vals and len(vals[-1]["acc"]) == BS - 1 and vals[-1]["tau"] >= 1.0
     assert any("tok_per_s" in l and "lr" in l for l in lines)
     assert (out / "final" / "train_log.jsonl").exists()
+
+
+def test_shortlisted_head_equals_full_softmax_when_it_covers_the_vocab(target, store):
+    counts = token_counts(store, range(len(store)), 128)
+    assert int(counts.sum()) == sum(store.input_ids(i).numel() - store.prompt_len(i) for i in range(len(store)))
+    top = head_shortlist(counts, 5)
+    assert top.tolist() == sorted(top.tolist()) and set(top.tolist()) <= set(counts.topk(5).indices.tolist()) | {
+        int(i) for i in (counts == counts.topk(5).values[-1]).nonzero()}
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(128, 16, generator=g)
+    h = torch.randn(30, 16, generator=g)
+    y = torch.randint(0, 128, (30,), generator=g)
+    y[::4] = IGNORE
+    wt = torch.rand(30, generator=g)
+    full = weighted_ce_sum(h, w, y, wt)
+    sub_w, (sub_y,) = restrict_head(w, torch.arange(128), [y])
+    assert torch.allclose(weighted_ce_sum(h, sub_w, sub_y, wt), full)
+    # a small shortlist keeps every label (re-indexed onto the same rows) and gives a smaller loss
+    sub_w, (sub_y,) = restrict_head(w, torch.tensor([3, 7]), [y])
+    m = y != IGNORE
+    assert torch.equal(sub_w[sub_y[m]], w[y[m]]) and torch.equal(sub_y == IGNORE, ~m)
+    assert sub_w.shape[0] == len(set(y[m].tolist()) | {3, 7})
+    assert weighted_ce_sum(h, sub_w, sub_y, wt) < full
+
+
+def test_loss_falls_with_a_shortlisted_head(target, store, tmp_path):
+    train_idx, val_idx = split_train_val(store.ids, 0.2)
+    drafter = build_drafter(target, num_layers=1, block_size=BS, mask_token_id=MASK, target_layer_ids=LAYERS,
+                            init_from_target=False, seed=0)
+    cfg = TrainConfig(block_size=BS, anchors_per_seq=16, batch_tokens=256, steps=30, lr=1e-2, warmup_steps=3,
+                      head_vocab=16, eval_every=0, save_every=0, progress=False)
+    result = train_drafter(target, drafter, store, tmp_path, cfg, train_idx=train_idx, val_idx=[])
+    assert sum(result.losses[-5:]) / 5 < 0.6 * sum(result.losses[:3]) / 3
 
 
 def test_resume_reproduces_uninterrupted_run(target, store, tmp_path):

