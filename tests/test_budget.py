@@ -221,6 +221,41 @@ def test_policy_on_trees_matches_choose_budget():
     assert policy(root_only) == 0
 
 
+def test_acceptance_calibration_rescales_the_surrogate():
+    lat = LatencyModel.from_points([0, 8, 64, 256], [1.0, 1.05, 1.6, 4.0], t_draft=0.3)
+    g = torch.Generator().manual_seed(1)
+    lp = torch.log_softmax(torch.randn(7, 256, generator=g) * 2.5, -1)
+    top_lp, top_ids = topk_per_position(lp, 64)
+    tree = build_tree(1, top_lp, top_ids, 64)
+    probs = [math.exp(s) for s in tree.scores[1:]]
+
+    over = budget.CaDDTreePolicy(lat, 64)  # the drafter promises a lot and nothing is ever accepted
+    n0 = over(tree)
+    assert n0 == exhaustive_best_budget(probs, lat, 64) and n0 > 0
+    for _ in range(60):
+        over.observe_acceptance(0)
+        n = over(tree)
+    r = over.acceptance_scale
+    assert over.min_scale <= r < 0.1 and n < n0
+    # the choice is exactly the argmax of the rescaled throughput E(n) = 1 + r * sum p_i
+    assert n == exhaustive_best_budget([r * p for p in probs], lat, 64)
+
+    fixed = budget.CaDDTreePolicy(lat, 64, calibrate_acceptance=False)
+    for _ in range(60):
+        fixed(tree)
+        fixed.observe_acceptance(0)
+    assert fixed.acceptance_scale == 1.0 and fixed(tree) == n0
+
+    honest = budget.CaDDTreePolicy(lat, 64)  # accepted = promised: r stays 1, budgets stay the surrogate's
+    for _ in range(30):
+        k = honest(tree)
+        honest.observe_acceptance(sum(probs[:k]))
+    assert honest.acceptance_scale == pytest.approx(1.0) and honest(tree) == n0
+    honest.observe_acceptance(3)
+    honest.observe_acceptance(3)  # a report without a preceding choice is ignored
+    assert honest.acceptance_scale > 1.0
+
+
 def test_online_overhead_refinement_is_a_constant_shift():
     lat = LatencyModel.from_points([0, 8, 64], [1.0, 1.1, 2.0], t_draft=0.5)
     clock_values = iter([0.0, 2.0, 4.0, 6.0, 1000.0, 1002.0])  # rounds of 2s, one 994s pause
@@ -299,6 +334,10 @@ def test_real_calibration_policy_and_lossless_generate(tiny_pair, monkeypatch):
     # generate(tree_budget="auto") must take the cached calibration, not time again
     budget.clear_memory_cache()
     monkeypatch.setattr(budget, "measure_latency", _no_timing)
+    reports = []
+    observe = budget.CaDDTreePolicy.observe_acceptance
+    monkeypatch.setattr(budget.CaDDTreePolicy, "observe_acceptance",
+                        lambda self, k: (reports.append(k), observe(self, k))[1])
     hf_ddtree.enable(target)
     try:
         ids = torch.randint(0, 250, (1, 12), generator=g)
@@ -309,3 +348,6 @@ def test_real_calibration_policy_and_lossless_generate(tiny_pair, monkeypatch):
         hf_ddtree.disable(target)
     assert torch.equal(out.sequences, ref)
     assert out.stats.tree_sizes and all(0 <= n <= 32 for n in out.stats.tree_sizes)
+    # the loop reports every round's accepted drafts to the policy (its acceptance calibration)
+    assert len(reports) == len(out.stats.acceptance_lengths)
+    assert [k + 1 for k in reports][:-1] == out.stats.acceptance_lengths[:-1]

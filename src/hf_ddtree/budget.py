@@ -10,6 +10,9 @@ once the extra nodes are unlikely to be accepted. CaDDTree trades the two off ex
     piecewise-linear fit to timings of the real target's tree-verify forward;
   * F(n) = E(n) / T(n), the round's throughput.
 
+The policy also rescales the surrogate online, E(n) = 1 + r * sum p_i, with r the observed ratio of
+accepted draft tokens to promised path probability (see `CaDDTreePolicy`): drafters are rarely calibrated.
+
 With E concave and T convex and positive, F is unimodal (its superlevel sets {E - a T >= 0} are
 intervals, and it has no flat step before a rise), so growing n while F(n+1) > F(n) and stopping at
 the first non-increase finds the global maximum: `choose_budget`. `exhaustive_best_budget` is the
@@ -219,19 +222,22 @@ def choose_budget(path_probs, latency, max_nodes: int | None = None) -> int:
     return n_max
 
 
-def _choose_from_scores(scores: Sequence[float], T: Sequence[float], n_max: int, c: float = 0.0) -> int:
-    """choose_budget on log-scores [0, s_1, s_2, ...] (a Tree's scores) and latencies T[n] + c,
-    exp-ing lazily (the loop stops at the chosen n)."""
-    e = 1.0
+def _choose_from_scores(scores: Sequence[float], T: Sequence[float], n_max: int, c: float = 0.0,
+                       scale: float = 1.0) -> tuple[int, float]:
+    """choose_budget on log-scores [0, s_1, s_2, ...] (a Tree's scores), latencies T[n] + c and
+    E(n) = 1 + scale * sum_{i<=n} p_i, exp-ing lazily (the loop stops at the chosen n).
+    Returns (n, sum_{i<=n} p_i)."""
+    e, mass = 1.0, 0.0
     exp = math.exp
     t = T[0] + c
     for n in range(n_max):
-        e_next = e + exp(scores[n + 1])
+        p = exp(scores[n + 1])
+        e_next = e + scale * p
         t_next = T[n + 1] + c
         if e_next * t <= e * t_next:
-            return n
-        e, t = e_next, t_next
-    return n_max
+            return n, mass
+        e, t, mass = e_next, t_next, mass + p
+    return n_max, mass
 
 
 def throughput_curve(path_probs, latency, max_nodes: int | None = None) -> list[float]:
@@ -548,6 +554,16 @@ class CaDDTreePolicy:
     """`policy(tree) -> n`: how many of the tree's nodes (pop order) to verify this round.
 
     budgets: the n chosen each round (also in DecodeStats.tree_sizes).
+
+    Acceptance calibration (on by default): the drafter's path probabilities are a surrogate, and
+    a drafter that is over-confident (a young one usually is) makes E(n) = 1 + sum p_i promise more
+    than rounds deliver, so the rule verifies trees that are too big. The decoding loop reports each
+    round's accepted draft tokens (`observe_acceptance`), and the policy keeps the ratio
+    r = (discounted sum of accepted drafts) / (discounted sum of sum_{i<=n} p_i over the same rounds)
+    and uses E(n) = 1 + r * sum_{i<=n} p_i. Scaling keeps E concave, so the stopping rule stays exact.
+    The estimate starts at r = 1 with the weight of `prior_rounds` rounds and forgets with `decay`
+    per round; r is kept in [`min_scale`, `max_scale`].
+
     online (off by default): refine the model's per-round overhead `latency.t_overhead` (EMA) from
     the wall time between consecutive calls. There is one call per round, right after the tree is built, so the
     gap is one full round at the previous budget (verify + accept/commit + next draft + tree),
@@ -560,15 +576,27 @@ class CaDDTreePolicy:
     """
 
     def __init__(self, latency: LatencyModel, max_nodes: int, online: bool = False, ema: float = 0.1,
-                 clock: Callable[[], float] = time.perf_counter):
+                 clock: Callable[[], float] = time.perf_counter, calibrate_acceptance: bool = True,
+                 decay: float = 0.95, prior_rounds: float = 2.0, min_scale: float = 0.02, max_scale: float = 2.0):
         self.latency = latency
         self.max_nodes = int(max_nodes)
         self.online = online
         self.ema = float(ema)
         self.clock = clock
+        self.calibrate_acceptance = calibrate_acceptance
+        self.decay, self.min_scale, self.max_scale = float(decay), float(min_scale), float(max_scale)
+        self._accepted = self._promised = float(prior_rounds)  # r = 1 to start, worth `prior_rounds` rounds of mass 1
         self.budgets: list[int] = []
         self._base = latency.base_totals(self.max_nodes)
         self._last: float | None = None
+        self._last_mass: float | None = None
+
+    @property
+    def acceptance_scale(self) -> float:
+        """r: observed accepted drafts per unit of promised path probability (1.0 when not calibrating)."""
+        if not self.calibrate_acceptance:
+            return 1.0
+        return min(self.max_scale, max(self.min_scale, self._accepted / max(self._promised, 1e-9)))
 
     def __call__(self, tree: Tree) -> int:
         if self.online:
@@ -576,9 +604,19 @@ class CaDDTreePolicy:
             if self._last is not None and self.budgets:
                 self._observe(self.budgets[-1], now - self._last)
             self._last = now
-        n = _choose_from_scores(tree.scores, self._base, min(tree.num_nodes, self.max_nodes), self.latency.t_overhead)
+        n, mass = _choose_from_scores(tree.scores, self._base, min(tree.num_nodes, self.max_nodes),
+                                      self.latency.t_overhead, self.acceptance_scale)
         self.budgets.append(n)
+        self._last_mass = mass
         return n
+
+    def observe_acceptance(self, accepted_drafts: int) -> None:
+        """Called by the decoding loop after each round with the number of draft tokens accepted."""
+        if self._last_mass is None:
+            return
+        self._accepted = self.decay * self._accepted + float(accepted_drafts)
+        self._promised = self.decay * self._promised + self._last_mass
+        self._last_mass = None
 
     def _observe(self, n: int, seconds: float) -> None:
         lat = self.latency
@@ -590,9 +628,9 @@ class CaDDTreePolicy:
 
 
 def caddtree_policy(target, drafter, max_nodes: int = 256, latency: LatencyModel | None = None,
-                    online: bool = False, **calibrate_kwargs) -> CaDDTreePolicy:
+                    online: bool = False, calibrate_acceptance: bool = True, **calibrate_kwargs) -> CaDDTreePolicy:
     """The CaDDTree budget policy for generate(tree_budget="auto"): calibrates (or loads the cached
     calibration) unless `latency` is given. Extra kwargs go to `calibrate`."""
     if latency is None:
         latency = calibrate(target, drafter, max_nodes, **calibrate_kwargs)
-    return CaDDTreePolicy(latency, max_nodes, online=online)
+    return CaDDTreePolicy(latency, max_nodes, online=online, calibrate_acceptance=calibrate_acceptance)

@@ -212,6 +212,7 @@ def speculative_decoding(
                              drafter2=drafter2, spec2=spec2, boundaries=d2sd_boundaries,
                              alternatives=d2sd_alternatives)
 
+    observe_acceptance = getattr(budget_policy, "observe_acceptance", None)
     while not done:
         L = ids.shape[1]
         past = L - 1  # the root (last token) is not in the target cache yet
@@ -230,6 +231,8 @@ def speculative_decoding(
         raw, feats = run_tree(model, tree, cache, past, hidden_idx)  # (n+1, V), (n+1, F)
         scores = process_scores(logits_processor, ids, tree, raw)
         path, nxt = walk(tree, scores, do_sample)
+        if observe_acceptance is not None:
+            observe_acceptance(len(path) - 1)  # CaDDTree calibrates its acceptance estimate
         clock.lap("verify_s")
 
         # ---- accept: keep the path's K/V, append its tokens and the target's next token --------
