@@ -23,6 +23,8 @@ from hf_ddtree.training.train import (
     head_shortlist,
     make_blocks,
     restrict_head,
+    standardize_fc,
+    feature_rms,
     sample_anchors,
     sample_prefix_lens,
     split_train_val,
@@ -222,6 +224,28 @@ def test_shortlisted_head_equals_full_softmax_when_it_covers_the_vocab(target, s
     assert torch.equal(sub_w[sub_y[m]], w[y[m]]) and torch.equal(sub_y == IGNORE, ~m)
     assert sub_w.shape[0] == len(set(y[m].tolist()) | {3, 7})
     assert weighted_ce_sum(h, sub_w, sub_y, wt) < full
+    # random negatives: `negatives` more rows from outside shortlist ∪ labels, reproducible by generator
+    base_rows = len(set(y[m].tolist()) | {3, 7})
+    neg_w, (neg_y,) = restrict_head(w, torch.tensor([3, 7]), [y], 10, torch.Generator().manual_seed(5))
+    again, _ = restrict_head(w, torch.tensor([3, 7]), [y], 10, torch.Generator().manual_seed(5))
+    assert neg_w.shape[0] == base_rows + 10 and torch.equal(neg_w, again)
+    assert torch.equal(neg_w[neg_y[m]], w[y[m]])
+
+
+def test_standardize_fc_equalises_feature_channels(target, store):
+    rms = feature_rms(store, range(len(store)))
+    f = torch.cat([store.features(i).float() for i in range(len(store))])
+    assert torch.allclose(rms, f.pow(2).mean(0).sqrt(), rtol=1e-5)
+    d = build_drafter(target, num_layers=1, block_size=BS, mask_token_id=MASK, target_layer_ids=LAYERS,
+                      init_from_target=False)
+    before = d.fc.weight.detach().clone()
+    standardize_fc(d, rms)
+    ratio = d.fc.weight.detach() * rms[None] / before  # the same factor for every input column
+    assert torch.allclose(ratio, ratio[0, 0].expand_as(ratio), rtol=1e-4)
+    scale = (d.fc.weight.detach() / before)[0]  # per-column factor, proportional to 1/rms
+    assert torch.allclose(scale.pow(2).mean(), torch.tensor(1.0), rtol=1e-4)  # fc keeps its default magnitude
+    with pytest.raises(ValueError, match="channels"):
+        standardize_fc(d, rms[:-1])
 
 
 def test_loss_falls_with_a_shortlisted_head(target, store, tmp_path):

@@ -92,7 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--logits-chunk", type=int, default=1024, help="rows per lm_head chunk in the loss")
     g.add_argument("--head-vocab", type=int, default=0, metavar="N",
                    help="train with a softmax over the N most frequent response tokens + each step's labels "
-                        "(~3x faster steps on CPU at N=8192; validation always uses the full vocabulary); 0: full")
+                        "+ random negatives (validation always uses the full vocabulary); 0: full softmax")
+    g.add_argument("--head-negatives", type=int, default=None, metavar="K",
+                   help="random other tokens in each step's softmax with --head-vocab (default N/2)")
+    g.add_argument("--standardize-features", action=argparse.BooleanOptionalAction, default=True,
+                   help="data-dependent fc init: scale its input columns by 1/RMS of each feature channel")
     g.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                    help="bf16 autocast with fp32 master weights (default: on where bf16 matmuls are native: CUDA, "
                         "AVX512-BF16/AMX CPUs; off on AVX2-only CPUs, where emulated bf16 is ~10x slower)")
@@ -139,7 +143,8 @@ def train_drafter_main(argv=None) -> int:
     from hf_ddtree.drafter import default_target_layer_ids
 
     from .features import FeatureStore, extract_features, model_identity, read_records
-    from .train import TrainConfig, build_drafter, fast_bf16, split_train_val, train_drafter
+    from .train import (TrainConfig, build_drafter, fast_bf16, feature_rms, split_train_val, standardize_fc,
+                        train_drafter)
 
     if args.target_dtype == "auto":
         args.target_dtype = "bf16" if fast_bf16("cpu") else "fp32"
@@ -199,13 +204,15 @@ def train_drafter_main(argv=None) -> int:
         except RuntimeError as err:
             parser.error(f"--init-from-drafter {args.init_from_drafter}: weights do not fit this drafter "
                          f"(same --layers/--block-size/--target-layer-ids needed): {err}")
+    elif args.standardize_features:
+        standardize_fc(drafter, feature_rms(store, train_idx))
     b1, b2 = (float(x) for x in args.betas.split(","))
     config = TrainConfig(
         block_size=args.block_size, anchors_per_seq=args.anchors_per_seq, batch_tokens=args.batch_tokens,
         steps=args.steps, epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay, betas=(b1, b2),
         warmup_ratio=args.warmup_ratio, warmup_steps=args.warmup_steps, gamma=args.gamma, grad_clip=args.grad_clip,
         bf16=args.bf16, threads=args.threads, seed=args.seed, prefix_mode=args.prefix_mode,
-        logits_chunk=args.logits_chunk, head_vocab=args.head_vocab, eval_every=args.eval_every, val_anchors_per_seq=args.val_anchors,
+        logits_chunk=args.logits_chunk, head_vocab=args.head_vocab, head_negatives=args.head_negatives, eval_every=args.eval_every, val_anchors_per_seq=args.val_anchors,
         save_every=args.save_every, log_every=args.log_every, progress=args.progress,
     )
     result = train_drafter(

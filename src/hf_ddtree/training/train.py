@@ -37,10 +37,11 @@ from weights that already produce lm_head-ready hidden states; pass False for th
 
 Shortlisted softmax (`head_vocab=N > 0`): the frozen lm_head is ~80% of a step's FLOPs (49k rows on
 SmolLM2). With a shortlist the loss of a step is a softmax over the N most frequent tokens of the
-training responses plus every label of that step (so the right class is always in it), as in
-sampled-softmax training; validation (`evaluate`) always uses the full vocabulary, so its tau is what
-inference gets. Tokens outside the shortlist are never pushed down, which costs some accuracy when
-N is small; 8192 keeps >99% of SmolLM2 response tokens and makes a step ~3x cheaper on a CPU.
+training responses, every label of that step (so the right class is always in it) and
+`head_negatives` (default N/2) random other tokens, as in sampled-softmax training; the random
+negatives matter: without them tokens outside the shortlist are never pushed down and full-vocabulary
+argmax lands on them (measured: top-1 accuracy 0 after 60 steps). Validation (`evaluate`) always
+uses the full vocabulary, so its tau is what inference gets.
 
 Optimiser: AdamW (no decay on norms), cosine schedule with linear warm-up, grad-clip, optional bf16
 autocast with fp32 master weights. bf16 is only a win where the hardware has bf16 matmuls (CUDA;
@@ -104,6 +105,7 @@ class TrainConfig:
     prefix_mode: bool = False
     logits_chunk: int = 1024
     head_vocab: int = 0  # >0: softmax over the N most frequent training tokens + the step's labels (see `head_shortlist`)
+    head_negatives: int | None = None  # random other tokens per step with head_vocab; None: head_vocab // 2
     eval_every: int = 100
     val_anchors_per_seq: int = 32
     save_every: int = 200
@@ -285,14 +287,24 @@ def head_shortlist(counts: torch.Tensor, n: int) -> torch.Tensor:
     return counts.topk(n).indices.sort().values
 
 
-def restrict_head(weight: torch.Tensor, shortlist: torch.Tensor, labels: Sequence[torch.Tensor]):
-    """Rows of `weight` for shortlist ∪ labels, and the labels re-indexed into those rows.
+def restrict_head(weight: torch.Tensor, shortlist: torch.Tensor, labels: Sequence[torch.Tensor],
+                  negatives: int = 0, generator: torch.Generator | None = None):
+    """Rows of `weight` for shortlist ∪ labels ∪ `negatives` random other ids, and the labels re-indexed.
 
     weight: (V, H); shortlist: (n,) sorted ids; labels: per sequence (L_i,) ids or IGNORE.
+    The random negatives (drawn uniformly from the ids not already kept) push the rest of the
+    vocabulary down over the steps; without them the drafter is free to put mass on tokens it never
+    sees in a softmax, and full-vocabulary argmax at inference lands on them.
     Returns ((n', H) weight, [(L_i,) re-indexed labels]).
     """
     real = [y[y != IGNORE] for y in labels]
     keep = torch.unique(torch.cat([shortlist, *real]))  # sorted
+    if negatives > 0:
+        rest = torch.ones(weight.shape[0], dtype=torch.bool)
+        rest[keep] = False
+        rest = rest.nonzero().squeeze(1)
+        pick = torch.randperm(rest.numel(), generator=generator)[:negatives]
+        keep = torch.unique(torch.cat([keep, rest[pick]]))
     out = []
     for y in labels:
         z = torch.full_like(y, IGNORE)
@@ -338,6 +350,40 @@ def init_from_target_layers(drafter: DFlashDraftModel, target) -> dict[str, list
         else:
             skipped.append("norm.weight")
     return {"copied": copied, "skipped": skipped}
+
+
+def feature_rms(store: FeatureStore, records: Sequence[int], max_tokens: int = 50_000) -> torch.Tensor:
+    """(F,) root-mean-square of each cached feature channel over (up to `max_tokens` of) `records`."""
+    total, count = None, 0
+    for i in records:
+        f = store.features(i).float()
+        sq = f.pow(2).sum(0)
+        total = sq if total is None else total + sq
+        count += f.shape[0]
+        if count >= max_tokens:
+            break
+    if total is None:
+        raise ValueError("no records to measure feature scales on.")
+    return (total / max(count, 1)).sqrt()
+
+
+def standardize_fc(drafter: DFlashDraftModel, rms: torch.Tensor, eps: float = 1e-6) -> None:
+    """Data-dependent init of `fc`: divide its input columns by each feature channel's RMS.
+
+    Target residual streams carry a few "massive activation" channels (SmolLM2's layer-27 states
+    have norms ~1e4, dominated by a handful of channels); through a random fc and the RMSNorm after
+    it they drown every other channel, and the drafter needs many steps just to learn to ignore
+    them. Folding 1/rms into fc's columns makes every channel start on an equal footing (the
+    column scale is renormalised so fc's output keeps its default magnitude). The checkpoint format
+    is unchanged: it is only an initialisation.
+    """
+    w = drafter.fc.weight  # (H, F)
+    if rms.shape[0] != w.shape[1]:
+        raise ValueError(f"feature RMS has {rms.shape[0]} channels but fc takes {w.shape[1]}.")
+    inv = 1.0 / rms.to(w.dtype).clamp_min(eps)
+    inv = inv / inv.pow(2).mean().sqrt()  # unit mean-square column scale
+    with torch.no_grad():
+        w.mul_(inv[None, :])
 
 
 def build_drafter(target, *, num_layers: int = 1, block_size: int = 16, mask_token_id: int,
@@ -664,7 +710,9 @@ def train_drafter(target, drafter: DFlashDraftModel, store: FeatureStore, out_di
             step_loss = 0.0
             head, labels = lm_weight, [b.labels for _, b, _ in plan]
             if shortlist is not None:
-                head, labels = restrict_head(lm_weight, shortlist, labels)
+                neg = cfg.head_negatives if cfg.head_negatives is not None else cfg.head_vocab // 2
+                head, labels = restrict_head(lm_weight, shortlist, labels, neg,
+                                             torch.Generator().manual_seed(cfg.seed * 7919 + step))
             for (feats, blocks, w), y in zip(plan, labels):
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                     hidden = drafter_forward(drafter, embed, feats, blocks, mask_dtype)
