@@ -41,7 +41,9 @@ training responses, every label of that step (so the right class is always in it
 `head_negatives` (default N/2) random other tokens, as in sampled-softmax training; the random
 negatives matter: without them tokens outside the shortlist are never pushed down and full-vocabulary
 argmax lands on them (measured: top-1 accuracy 0 after 60 steps). Validation (`evaluate`) always
-uses the full vocabulary, so its tau is what inference gets.
+uses the full vocabulary, so its tau is what inference gets. Measured on SmolLM2-135M (60 steps of
+1024 block tokens, N=8192 + 4096 negatives): steps 1.6x faster, held-out loss 8.07 vs 7.60 for the
+full softmax, i.e. about even per CPU-second; off by default.
 
 Optimiser: AdamW (no decay on norms), cosine schedule with linear warm-up, grad-clip, optional bf16
 autocast with fp32 master weights. bf16 is only a win where the hardware has bf16 matmuls (CUDA;
@@ -375,7 +377,8 @@ def standardize_fc(drafter: DFlashDraftModel, rms: torch.Tensor, eps: float = 1e
     it they drown every other channel, and the drafter needs many steps just to learn to ignore
     them. Folding 1/rms into fc's columns makes every channel start on an equal footing (the
     column scale is renormalised so fc's output keeps its default magnitude). The checkpoint format
-    is unchanged: it is only an initialisation.
+    is unchanged: it is only an initialisation. Measured on SmolLM2-135M (2-layer drafter, 60 steps of
+    1024 block tokens, same data and seed): held-out loss 7.60 with it vs 7.92 without.
     """
     w = drafter.fc.weight  # (H, F)
     if rms.shape[0] != w.shape[1]:
