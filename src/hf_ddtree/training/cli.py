@@ -212,7 +212,8 @@ def train_drafter_main(argv=None) -> int:
         steps=args.steps, epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay, betas=(b1, b2),
         warmup_ratio=args.warmup_ratio, warmup_steps=args.warmup_steps, gamma=args.gamma, grad_clip=args.grad_clip,
         bf16=args.bf16, threads=args.threads, seed=args.seed, prefix_mode=args.prefix_mode,
-        logits_chunk=args.logits_chunk, head_vocab=args.head_vocab, head_negatives=args.head_negatives, eval_every=args.eval_every, val_anchors_per_seq=args.val_anchors,
+        logits_chunk=args.logits_chunk, head_vocab=args.head_vocab, head_negatives=args.head_negatives,
+        eval_every=args.eval_every, val_anchors_per_seq=args.val_anchors,
         save_every=args.save_every, log_every=args.log_every, progress=args.progress,
     )
     result = train_drafter(
