@@ -24,7 +24,8 @@ def demo_main(argv=None) -> int:
         "DDTree and the embedded drafter; check both texts are identical and report acceptance and speedup."))
     p.add_argument("--prompt", default=DEMO_PROMPT)
     p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--tree-budget", default="32", help="node budget (int) or 'auto' for CaDDTree")
+    p.add_argument("--tree-budget", default="16",
+                   help="node budget (int) or 'auto' for CaDDTree (16: the best fixed budget on this CPU, docs/benchmarks.md)")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--threads", type=int, default=None)
     args = p.parse_args(argv)
