@@ -256,17 +256,22 @@ def _public_defs(tree):
                 stack.extend(reversed(node.body))
 
 
-@lru_cache(maxsize=1)
-def _python_doc_prompts() -> tuple[tuple[str, str], ...]:
-    """Prompts built from docstrings of public stdlib functions, classes and modules."""
+def _stdlib_modules():
+    """(dotted module name, parsed ast) for every parseable file of `_stdlib_files()`."""
     root = Path(sysconfig.get_paths()["stdlib"])
-    out = []
     for path in _stdlib_files():
         try:
             tree = ast.parse(path.read_bytes(), filename=str(path))
         except (SyntaxError, ValueError, OSError):
             continue
-        mod = ".".join(path.relative_to(root).with_suffix("").parts).removesuffix(".__init__")
+        yield ".".join(path.relative_to(root).with_suffix("").parts).removesuffix(".__init__"), tree
+
+
+@lru_cache(maxsize=1)
+def _python_doc_prompts() -> tuple[tuple[str, str], ...]:
+    """Prompts built from docstrings of public stdlib functions, classes and modules."""
+    out = []
+    for mod, tree in _stdlib_modules():
         doc = ast.get_docstring(tree)
         if doc:
             out.append((f"python-docs/{mod}", f"Explain what the Python module `{mod}` is for, with an example:\n\n{doc}"))
@@ -285,14 +290,8 @@ def _python_doc_prompts() -> tuple[tuple[str, str], ...]:
 @lru_cache(maxsize=1)
 def _python_stub_prompts() -> tuple[tuple[str, str], ...]:
     """Code-completion requests in the HumanEval benchmark format, from stdlib function signatures + docstrings."""
-    root = Path(sysconfig.get_paths()["stdlib"])
     out = []
-    for path in _stdlib_files():
-        try:
-            tree = ast.parse(path.read_bytes(), filename=str(path))
-        except (SyntaxError, ValueError, OSError):
-            continue
-        mod = ".".join(path.relative_to(root).with_suffix("").parts).removesuffix(".__init__")
+    for mod, tree in _stdlib_modules():
         for node in _public_defs(tree):
             doc = ast.get_docstring(node)
             if isinstance(node, ast.ClassDef) or not doc or len(doc) > 1200:
