@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from hf_ddtree.cache import compact, make_cache, tree_attention_mask
+from hf_ddtree.compat import cache_kwargs
 from hf_ddtree.tree import Tree, build_chain, build_tree, topk_per_position
 from hf_ddtree.verify import run_tree
 
@@ -276,7 +277,7 @@ def test_tree_forward_and_compaction_match_full_forward(arch, impl, cache_kind):
     prompt = torch.randint(0, vocab, (9,), generator=torch.Generator().manual_seed(1)).tolist()
     cache = make_cache(target, cache_kind, max_cache_len=64)
     with torch.no_grad():
-        target(input_ids=torch.tensor([prompt[:-1]]), past_key_values=cache, use_cache=True)
+        target(input_ids=torch.tensor([prompt[:-1]]), **cache_kwargs(target, cache), use_cache=True)
 
     # round 1: the root is the prompt's last token
     tree = bushy_tree(0, prompt[-1], vocab)
@@ -290,7 +291,7 @@ def test_tree_forward_and_compaction_match_full_forward(arch, impl, cache_kind):
     # plain continuation (default positions, causal mask) after compaction
     extra = [3, 17, 42]
     with torch.no_grad():
-        cont = target(input_ids=torch.tensor([extra]), past_key_values=cache, use_cache=True).logits[0]
+        cont = target(input_ids=torch.tensor([extra]), **cache_kwargs(target, cache), use_cache=True).logits[0]
     ref, _ = full_forward(target, accepted + extra)
     torch.testing.assert_close(cont.float(), ref[-3:], atol=1e-5, rtol=0)
 
@@ -307,6 +308,6 @@ def test_tree_forward_and_compaction_match_full_forward(arch, impl, cache_kind):
     check_tree_forward(target, cache, seq2 + [5], tree3)
     compact(cache, len(seq2), torch.tensor([0]))
     with torch.no_grad():
-        cont = target(input_ids=torch.tensor([[8]]), past_key_values=cache, use_cache=True).logits[0, -1]
+        cont = target(input_ids=torch.tensor([[8]]), **cache_kwargs(target, cache), use_cache=True).logits[0, -1]
     ref, _ = full_forward(target, seq2 + [5, 8])
     torch.testing.assert_close(cont.float(), ref[-1], atol=1e-5, rtol=0)

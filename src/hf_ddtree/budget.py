@@ -42,6 +42,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from .compat import cache_kwargs, gather_features, hidden_states_request
 from .tree import Tree, build_tree, topk_per_position
 
 logger = logging.getLogger(__name__)
@@ -423,7 +424,7 @@ def measure_latency(target, drafter, max_nodes: int, *, ns: Sequence[int] | None
     g = torch.Generator().manual_seed(1)
     prompt = torch.randint(vocab, (1, past_len), generator=g).to(device)
     out = target(input_ids=prompt, position_ids=torch.arange(past_len, device=device)[None],
-                 past_key_values=cache, use_cache=True, output_hidden_states=hidden_idx, logits_to_keep=1)
+                 **cache_kwargs(target, cache), use_cache=True, output_hidden_states=hidden_states_request(hidden_idx), logits_to_keep=1)
     empty = torch.zeros(0, dtype=torch.long, device=device)
 
     def verify_once(n: int) -> float:
@@ -444,7 +445,7 @@ def measure_latency(target, drafter, max_nodes: int, *, ns: Sequence[int] | None
 
         ddevice = next(drafter.parameters()).device
         embed, lm_head = target.get_input_embeddings(), target.get_output_embeddings()
-        feats = torch.cat([out.hidden_states[i][0] for i in hidden_idx], dim=-1)  # (past_len, F)
+        feats = gather_features(out, hidden_idx)[0]  # (past_len, F)
         new_ctx = min(4, past_len)  # tokens a round typically adds to the drafter's context
         dcache = DynamicCache()
         q = spec.block_size
@@ -452,7 +453,7 @@ def measure_latency(target, drafter, max_nodes: int, *, ns: Sequence[int] | None
             drafter(position_ids=torch.arange(past_len - new_ctx + q, device=ddevice)[None],
                     noise_embedding=embed(torch.full((1, q), spec.mask_token_id, device=device)).to(ddevice),
                     target_hidden=feats[None, :past_len - new_ctx].to(ddevice),
-                    past_key_values=dcache, use_cache=True, is_causal=False)
+                    **cache_kwargs(drafter, dcache), use_cache=True, is_causal=False)
             dcache.crop(-q)
         noise = torch.full((1, q), spec.mask_token_id, dtype=torch.long, device=device)
         noise[0, 0] = int(prompt[0, -1])
@@ -464,7 +465,7 @@ def measure_latency(target, drafter, max_nodes: int, *, ns: Sequence[int] | None
             _sync(ddevice)
             t0 = time.perf_counter()
             hidden = drafter(position_ids=pos, noise_embedding=embed(noise).to(ddevice), target_hidden=ctx,
-                             past_key_values=dcache, use_cache=True, is_causal=False)
+                             **cache_kwargs(drafter, dcache), use_cache=True, is_causal=False)
             dcache.crop(-q)
             logits = lm_head(hidden[0, 1:1 + depth].to(lm_head.weight.dtype))
             logprobs = torch.log_softmax(logits.float(), dim=-1)

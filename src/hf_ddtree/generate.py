@@ -20,6 +20,7 @@ from transformers.generation.stopping_criteria import StopStringCriteria, Stoppi
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from .cache import compact, make_cache
+from .compat import CACHE_FIELD, cache_from_kwargs, cache_kwargs, gather_features, hidden_states_request
 from .drafter import DrafterSpec, is_dflash_drafter, validate_pair
 from .propose import make_proposer
 from .tree import Tree, build_chain
@@ -96,7 +97,7 @@ def _check_inputs(model, input_ids: torch.Tensor, generation_config, model_kwarg
             f"attn_implementation={impl!r} cannot take an arbitrary tree mask; load the target with "
             "attn_implementation='sdpa' (or 'eager')."
         )
-    past = model_kwargs.get("past_key_values")
+    past = cache_from_kwargs(model_kwargs)
     if past is not None and int(past.get_seq_length()) > 0:
         raise ValueError("hf_ddtree builds its own KV cache: do not pass a pre-filled past_key_values.")
 
@@ -163,7 +164,7 @@ def speculative_decoding(
                 sequences=ids,
                 scores=tuple(scores_out) if want_scores else None,
                 logits=tuple(logits_out) if want_logits else None,
-                past_key_values=None,
+                **{CACHE_FIELD: None},
                 acceptance_lengths=list(stats.acceptance_lengths),
                 stats=stats,
             )
@@ -197,12 +198,12 @@ def speculative_decoding(
     out = model(
         input_ids=input_ids,
         position_ids=torch.arange(P, device=device)[None],
-        past_key_values=cache,
+        **cache_kwargs(model, cache),
         use_cache=True,
-        output_hidden_states=hidden_idx,
+        output_hidden_states=hidden_states_request(hidden_idx),
         logits_to_keep=1,
     )
-    context = torch.cat([out.hidden_states[i][0] for i in hidden_idx], dim=-1)  # (P, F) pending drafter context
+    context = gather_features(out, hidden_idx)[0]  # (P, F) pending drafter context
     raw = out.logits[0, -1:].float()  # (1, V)
     scores = logits_processor(input_ids, raw.clone()) if logits_processor else raw
     ids, done = commit(input_ids, [_pick(scores[0], do_sample)], [0], scores, raw)

@@ -20,6 +20,7 @@ from typing import Callable
 import torch
 from transformers.cache_utils import DynamicCache
 
+from .compat import cache_kwargs
 from .drafter import DrafterSpec
 from .tree import Tree, build_chain, build_tree, merge_paths, topk_per_position, tree_paths
 
@@ -59,7 +60,7 @@ class DrafterState:
             attention_mask=mask,
             noise_embedding=noise,
             target_hidden=context[None].to(self.device),  # (1, C, F)
-            past_key_values=self.cache,
+            **cache_kwargs(self.drafter, self.cache),
             use_cache=True,
             is_causal=False,
         )  # (1, K*bs, H)

@@ -24,6 +24,7 @@ from transformers.generation.logits_process import (
 )
 
 from .cache import mask_width, tree_attention_mask
+from .compat import cache_kwargs, gather_features, hidden_states_request
 from .tree import Tree
 
 # processors whose output depends only on the scores row, not on the token prefix
@@ -60,13 +61,13 @@ def run_tree(target, tree: Tree, cache, past_len: int, hidden_indices: list[int]
         input_ids=ids,
         position_ids=position_ids,
         attention_mask=mask,  # (1, 1, n+1, kv_len)
-        past_key_values=cache,
+        **cache_kwargs(target, cache),
         use_cache=True,
-        output_hidden_states=hidden_indices if hidden_indices else None,
+        output_hidden_states=hidden_states_request(hidden_indices),
     )
     features = None
     if hidden_indices:
-        features = torch.cat([out.hidden_states[i][0] for i in hidden_indices], dim=-1)  # (n+1, F)
+        features = gather_features(out, hidden_indices)[0]  # (n+1, F)
     return out.logits[0], features  # (n+1, V)
 
 

@@ -13,6 +13,8 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
+from hf_ddtree.compat import CACHE_FIELD, cache_from_kwargs, cache_kwargs
+
 # ------------------------------------------------------------------------------------------------
 # Methods
 # ------------------------------------------------------------------------------------------------
@@ -204,7 +206,7 @@ class ForwardRecorder:
         self._handle = None
 
     def _hook(self, module, args, kwargs):
-        past = kwargs.get("past_key_values")
+        past = cache_from_kwargs(kwargs)  # generate() passes `cache=` (5.24+) or `past_key_values=`
         start = 0
         if past is not None and hasattr(past, "get_seq_length"):
             start = int(past.get_seq_length())
@@ -237,7 +239,7 @@ class HFDFlashAdapter(torch.nn.Module):
     transformers (generation/candidate_generator.py, DFlashTokenCandidateGenerator) reads
     `assistant_model.config.{block_size, mask_token_id, target_layer_ids}` at the top level and calls
     `assistant_model(noise_embeds=, context_hidden_states=, position_ids=, attention_mask=<2D or None>,
-    past_key_values=<DFlashCache>)`, reading `.last_hidden_state`. Our drafter keeps mask/layers in
+    cache=<DFlashCache>)` (`past_key_values=` before 5.24), reading `.last_hidden_state`. Our drafter keeps mask/layers in
     `config.dflash_config` and returns a tensor, so this wrapper supplies both. The draft itself is the
     drafter's own forward; only the interface is adapted.
     """
@@ -263,8 +265,10 @@ class HFDFlashAdapter(torch.nn.Module):
         return next(self.drafter.parameters()).dtype
 
     def forward(self, noise_embeds, context_hidden_states, position_ids=None, attention_mask=None,
-                past_key_values=None, **kwargs):
+                past_key_values=None, cache=None, **kwargs):
         from transformers.modeling_outputs import BaseModelOutputWithPast
+
+        cache = cache if cache is not None else past_key_values
 
         if attention_mask is not None and attention_mask.dim() == 2:
             if not bool(attention_mask.all()):
@@ -272,9 +276,9 @@ class HFDFlashAdapter(torch.nn.Module):
             attention_mask = None  # batch 1, no padding: every block query sees everything
         out = self.drafter(noise_embedding=noise_embeds, target_hidden=context_hidden_states,
                            position_ids=position_ids, attention_mask=attention_mask,
-                           past_key_values=past_key_values, use_cache=past_key_values is not None)
+                           **cache_kwargs(self.drafter, cache), use_cache=cache is not None)
         hidden = out if isinstance(out, torch.Tensor) else out.last_hidden_state
-        return BaseModelOutputWithPast(last_hidden_state=hidden, past_key_values=past_key_values)
+        return BaseModelOutputWithPast(last_hidden_state=hidden, **{CACHE_FIELD: cache})
 
 
 def _sync(device: torch.device) -> None:

@@ -45,6 +45,9 @@ from transformers.models.qwen3.modeling_qwen3 import (
 )
 
 _MISSING = object()
+# transformers 5.24 renamed the cache argument and output field `past_key_values` -> `cache`; this
+# file is also Hub remote code (no hf_ddtree import), so it follows the rename itself.
+_CACHE_FIELD = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
 def dflash_field(config: Any, name: str, default: Any = _MISSING) -> Any:
@@ -194,8 +197,9 @@ class DFlashDraftModel(Qwen3PreTrainedModel):
         attention_mask: Optional[torch.Tensor] = None,  # None or additive (B, 1, Q, cached + C + Q)
         noise_embedding: Optional[torch.Tensor] = None,  # (B, Q, H)
         target_hidden: Optional[torch.Tensor] = None,  # (B, C, F)
-        past_key_values: Optional[Cache] = None,
+        past_key_values: Optional[Cache] = None,  # transformers < 5.24 name of `cache`
         use_cache: bool = False,
+        cache: Optional[Cache] = None,
         noise_embeds: Optional[torch.Tensor] = None,  # transformers' built-in DFlash names
         context_hidden_states: Optional[torch.Tensor] = None,
         **kwargs,
@@ -203,6 +207,7 @@ class DFlashDraftModel(Qwen3PreTrainedModel):
         # transformers' built-in DFlash (`speculation_type="dflash"`) passes `noise_embeds` and
         # `context_hidden_states`, a 2D padding mask, and reads `.last_hidden_state`.
         builtin = noise_embedding is None and noise_embeds is not None
+        cache = cache if cache is not None else past_key_values
         hidden_states = noise_embedding if noise_embedding is not None else noise_embeds
         features = target_hidden if target_hidden is not None else context_hidden_states
         if hidden_states is None or features is None:
@@ -215,9 +220,8 @@ class DFlashDraftModel(Qwen3PreTrainedModel):
         hidden_states = hidden_states.to(features.dtype)
         position_embeddings = self.rotary_emb(hidden_states, position_ids)
         for layer in self.layers:
-            hidden_states = layer(hidden_states, features, position_embeddings, attention_mask,
-                                  past_key_values, **kwargs)
+            hidden_states = layer(hidden_states, features, position_embeddings, attention_mask, cache, **kwargs)
         hidden_states = self.norm(hidden_states)
         if builtin:
-            return BaseModelOutputWithPast(last_hidden_state=hidden_states, past_key_values=past_key_values)
+            return BaseModelOutputWithPast(last_hidden_state=hidden_states, **{_CACHE_FIELD: cache})
         return hidden_states

@@ -10,7 +10,7 @@ fixed (the target is frozen), so they are computed once here and reused for ever
 Each record (one JSONL line of the responses stage: `{"id", "prompt_ids", "response_ids", ...}`)
 is run once through the target as `prompt_ids + response_ids` (batch of one, no padding, no grad),
 asking for `output_hidden_states=[i + 1 for i in layer_ids]` exactly as `generate.py` does at
-inference. The selected layers are concatenated to (T, len(layer_ids) * H) and stored in `dtype`
+inference (through `compat.hidden_states_request`). The selected layers are concatenated to (T, len(layer_ids) * H) and stored in `dtype`
 (bf16 by default, half the disk of fp32).
 
 Disk: T tokens take T * len(layer_ids) * H * 2 bytes in bf16. For SmolLM2-135M with 3 layers that
@@ -43,6 +43,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from ..compat import gather_features, hidden_states_request
 from .responses import read_records  # noqa: F401  (kept importable from here)
 
 FORMAT = "hf_ddtree-features/1"
@@ -127,8 +128,8 @@ def target_features(target, input_ids: torch.Tensor, layer_ids) -> torch.Tensor:
     device = next(target.parameters()).device
     ids = input_ids.to(device)[None]
     out = target(input_ids=ids, position_ids=torch.arange(ids.shape[1], device=device)[None],
-                 output_hidden_states=sel, use_cache=False, logits_to_keep=1)
-    return torch.cat([out.hidden_states[i][0] for i in sel], dim=-1)
+                 output_hidden_states=hidden_states_request(sel), use_cache=False, logits_to_keep=1)
+    return gather_features(out, sel)[0]
 
 
 def _record_ids(rec: Mapping) -> tuple[list[int], int]:

@@ -1,0 +1,93 @@
+"""The transformers API differences hf_ddtree tracks, in one place.
+
+Supported: transformers 5.17 (the oldest release CI tests) through the newest release pip resolves
+(CI tests both ends; see docs/design.md). What moved inside that range and how we follow it:
+
+  * The cache argument of a model forward: `past_key_values=` up to 5.23, `cache=` from 5.24
+    (`past_key_values=` still works there but warns, and is announced for removal in 5.40).
+    `cache_kwargs(module, cache)` names it by reading the forward's signature, so remote-code
+    models that kept the old name keep working on new releases.
+  * The same rename in generate()'s model_kwargs (what a `custom_generate` callable receives) and
+    in the output dataclasses' field: `cache_from_kwargs` and `CACHE_FIELD`.
+
+Everything else that reads or calls transformers internals (cache layers, masks, generate()) goes
+through the public names of both ends; when one moves, it gets a line here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+
+import transformers
+from transformers.generation.utils import GenerateDecoderOnlyOutput
+
+TRANSFORMERS_VERSION = transformers.__version__
+
+# the field of generate()'s output dataclasses (and of ModelOutput) that holds the cache
+CACHE_FIELD = "cache" if "cache" in {f.name for f in dataclasses.fields(GenerateDecoderOnlyOutput)} else "past_key_values"
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_kwarg_of(forward) -> str:
+    try:
+        params = inspect.signature(forward).parameters  # follows functools.wraps (deprecate_kwarg)
+    except (TypeError, ValueError):
+        return CACHE_FIELD
+    if "cache" in params:
+        return "cache"
+    if "past_key_values" in params:
+        return "past_key_values"
+    return CACHE_FIELD
+
+
+def cache_kwarg(module) -> str:
+    """The keyword `module.forward` takes its KV cache by: "cache" (5.24+) or "past_key_values"."""
+    forward = getattr(type(module), "forward", None) or module.forward
+    return _cache_kwarg_of(forward)
+
+
+def cache_kwargs(module, cache) -> dict:
+    """`{<module's cache keyword>: cache}`, for `module(**inputs, **cache_kwargs(module, cache))`."""
+    return {cache_kwarg(module): cache}
+
+
+def cache_from_kwargs(kwargs: dict):
+    """The cache in a model call's keyword arguments, or in the model_kwargs generate() hands a
+    custom_generate callable, under either name (None when there is none)."""
+    for key in ("cache", "past_key_values"):
+        if kwargs.get(key) is not None:
+            return kwargs[key]
+    return None
+
+
+# ------------------------------------------------------------------------------------------------
+# Target features (the hidden states the drafter reads)
+# ------------------------------------------------------------------------------------------------
+# `output_hidden_states=[i, ...]` selects hidden states by index (0 = embeddings, i = decoder layer
+# i - 1) with the same indexing as `output_hidden_states=True` only from 5.23 on; 5.17-5.22 take a
+# list with another indexing (shifted by one, the last layer dropped), which silently fed the drafter
+# the wrong layer. Before 5.23 we ask for all hidden states instead: forward hooks keep references,
+# no extra compute.
+try:
+    from transformers.utils import output_capturing as _capturing
+
+    LIST_HIDDEN_STATES = hasattr(_capturing, "resolve_hidden_states_indices")
+except ImportError:  # pragma: no cover - very old layouts
+    LIST_HIDDEN_STATES = False
+
+
+def hidden_states_request(indices):
+    """The `output_hidden_states=` value that makes `gather_features(out, indices)` correct."""
+    if not indices:
+        return None
+    return list(indices) if LIST_HIDDEN_STATES else True
+
+
+def gather_features(out, indices):
+    """(B, T, len(indices) * H): the selected hidden states of a forward, concatenated in order.
+    `indices` use `output_hidden_states=True` indexing (0 = embeddings, i = decoder layer i - 1)."""
+    import torch
+
+    return torch.cat([out.hidden_states[i] for i in indices], dim=-1)
