@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The CPU training campaign for the embedded drafter (docs/models.md, "Training campaign"): run it in the
+# background while doing other work; every stage is resumable and time-bounded, and it warm-starts from the
+# shipped drafter. Nothing is shipped automatically: compare `eval_drafters` output first (docs/models.md).
+#
+#   nice -n 19 bash scripts/train_campaign.sh RUN_DIR RESPONSE_MINUTES TRAIN_MINUTES [SEED]
+#
+# 1. responses: the target answers new prompts from the three training sources (one process per source,
+#    1 thread each, fp32, batched), for RESPONSE_MINUTES (killed then; the JSONL keeps every finished batch);
+# 2. features + training: warm-start from the shipped drafter on everything collected, for TRAIN_MINUTES.
+set -euo pipefail
+RUN=${1:?run dir}; RESP_MIN=${2:?response minutes}; TRAIN_MIN=${3:?train minutes}; SEED=${4:-1}
+mkdir -p "$RUN/data"
+SHIPPED=$(python -c "import hf_ddtree, os; print(os.path.join(os.path.dirname(hf_ddtree.__file__), 'assets/drafters/smollm2-135m'))")
+resp() {  # source limit max_new batch
+    timeout --signal=INT "${RESP_MIN}m" hf-ddtree make-responses --target smollm2-135m --source "$1" --limit "$2" \
+        --seed "$SEED" --modes greedy --max-new-tokens "$3" --batch-size "$4" --dtype fp32 --threads 1 \
+        --out "$RUN/data/responses_$1.jsonl" > "$RUN/data/responses_$1.log" 2>&1 || true
+}
+resp sharegpt 2000 192 32 &
+resp synthetic-math 2000 256 48 &
+resp python-stubs 2000 256 48 &
+wait
+cat "$RUN"/data/responses_{sharegpt,synthetic-math,python-stubs}.jsonl > "$RUN/data/all.jsonl"
+echo "responses: $(wc -l < "$RUN/data/all.jsonl") records"
+hf-ddtree train-drafter --target smollm2-135m --target-dtype fp32 --responses "$RUN/data/all.jsonl" --out "$RUN/drafter" \
+    --layers 2 --block-size 8 --target-layer-ids 1,10,18,27 --init-from-drafter "$SHIPPED" --epochs 2 \
+    --batch-tokens 4096 --anchors-per-seq 32 --lr 8e-4 --warmup-steps 5 --threads 2 --seed "$SEED" \
+    --eval-every 60 --val-anchors 16 --save-every 30 --max-minutes "$TRAIN_MIN" > "$RUN/train.log" 2>&1
+echo "done: $RUN/drafter"
