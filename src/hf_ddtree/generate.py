@@ -10,6 +10,7 @@ stopping criteria, EOS, streaming the prompt) still happens, and then our loop r
 from __future__ import annotations
 
 import functools
+import numbers
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -27,6 +28,7 @@ from .tree import Tree, build_chain
 from .verify import process_scores, run_tree, walk
 
 MAX_TREE_BUDGET = 4096
+DEFAULT_MAX_TREE_BUDGET = 256  # the CaDDTree cap unless max_tree_budget (or method="auto", tree_budget=N) sets one
 METHODS = ("ddtree", "dflash", "auto", "d2sd", "d2sd-tree")
 D2SD_METHODS = ("d2sd", "d2sd-tree")
 
@@ -76,6 +78,7 @@ class _Clock:
 
 
 def _check_inputs(model, input_ids: torch.Tensor, generation_config, model_kwargs: dict) -> None:
+    """Refuse, before any forward, every generate() argument the tree loop cannot honour exactly."""
     # beams / return sequences first: generate() has already expanded the batch by them
     if getattr(generation_config, "num_beams", 1) not in (None, 1):
         raise ValueError("hf_ddtree does not combine with beam search: set num_beams=1.")
@@ -86,16 +89,38 @@ def _check_inputs(model, input_ids: torch.Tensor, generation_config, model_kwarg
             f"hf_ddtree decodes one sequence at a time, got batch size {input_ids.shape[0]}. "
             "Call generate() once per prompt (batching is not implemented yet)."
         )
+    embeds = model_kwargs.get("inputs_embeds")
+    if embeds is None and input_ids.shape[1] == 0:
+        raise ValueError(
+            "input_ids is empty (shape (1, 0)): pass at least one prompt token (e.g. [[tokenizer.bos_token_id]]), "
+            "or call generate() without input_ids to start from the model's bos_token_id."
+        )
+    if embeds is not None:
+        if embeds.dim() != 3 or embeds.shape[0] != 1 or embeds.shape[1] == 0:
+            raise ValueError(f"inputs_embeds must have shape (1, P, hidden) with P >= 1, got {tuple(embeds.shape)}.")
+        if input_ids.shape[1] not in (0, embeds.shape[1]):
+            raise ValueError(
+                f"inputs_embeds covers {embeds.shape[1]} positions but input_ids has {input_ids.shape[1]}: pass "
+                "inputs_embeds alone, or input_ids of the same length as inputs_embeds."
+            )
     mask = model_kwargs.get("attention_mask")
     if mask is not None and not bool(mask.all()):
         raise ValueError("hf_ddtree does not support padded inputs: pass the prompt without padding.")
     if generation_config.output_attentions or generation_config.output_hidden_states:
         raise ValueError("hf_ddtree cannot return attentions or hidden states: drop output_attentions/output_hidden_states.")
-    impl = getattr(model.config, "_attn_implementation", None) or ""
-    if "flash" in impl:
+    guidance = getattr(generation_config, "guidance_scale", None)
+    if guidance is not None and guidance != 1:
         raise ValueError(
-            f"attn_implementation={impl!r} cannot take an arbitrary tree mask; load the target with "
-            "attn_implementation='sdpa' (or 'eager')."
+            f"guidance_scale={guidance!r}: classifier-free guidance runs a second, unconditional forward per token that "
+            "the tree verification cannot reproduce, so hf_ddtree would not be lossless. Drop guidance_scale (or set "
+            "it to 1), or call generate() without assistant_model."
+        )
+    impl = getattr(model.config, "_attn_implementation", None) or ""
+    if "flash" in impl or "flex" in impl:
+        raise ValueError(
+            f"attn_implementation={impl!r} cannot take an arbitrary tree mask (hf_ddtree verifies a whole draft "
+            "tree in one forward). Use attn_implementation='sdpa' (or 'eager'): load the target with "
+            "from_pretrained(..., attn_implementation='sdpa') or call target.set_attn_implementation('sdpa')."
         )
     past = cache_from_kwargs(model_kwargs)
     if past is not None and int(past.get_seq_length()) > 0:
@@ -156,15 +181,23 @@ def speculative_decoding(
     want_scores = bool(generation_config.return_dict_in_generate and generation_config.output_scores)
     want_logits = bool(generation_config.return_dict_in_generate and generation_config.output_logits)
 
+    cache = None
+    # inputs_embeds without input_ids: the prompt is in the cache but not in `ids` (stock returns only the new
+    # tokens then); `offset` is the number of cache positions in front of ids[0]
+    embeds = model_kwargs.get("inputs_embeds")
+    offset = embeds.shape[1] - input_ids.shape[1] if embeds is not None else 0
+
     def finish(ids: torch.Tensor):
         if streamer is not None:
             streamer.end()
         if generation_config.return_dict_in_generate:
+            if cache is not None:  # like stock's: the K/V of every token but the last (no tree slots, no cut path)
+                compact(cache, offset + ids.shape[1] - 1, ids.new_empty(0))
             return DDTreeGenerateOutput(
                 sequences=ids,
                 scores=tuple(scores_out) if want_scores else None,
                 logits=tuple(logits_out) if want_logits else None,
-                **{CACHE_FIELD: None},
+                **{CACHE_FIELD: cache},
                 acceptance_lengths=list(stats.acceptance_lengths),
                 stats=stats,
             )
@@ -181,7 +214,8 @@ def speculative_decoding(
                 scores_out.append(scores[rows[j]][None])
             if want_logits:
                 logits_out.append(raw[rows[j]][None].float())
-            if bool(stopping_criteria(ids, None).all()):
+            # stock passes its scores tuple (all processed scores so far) when output_scores, else None
+            if bool(stopping_criteria(ids, tuple(scores_out) if want_scores else None).all()):
                 done = True
                 break
         if streamer is not None and added:
@@ -191,12 +225,13 @@ def speculative_decoding(
     if input_ids.shape[1] >= max_length:
         return finish(input_ids)
 
-    cache = make_cache(model, generation_config.cache_implementation or "static", max_length + 1 + max_nodes)
+    cache = make_cache(model, generation_config.cache_implementation or "static", offset + max_length + 1 + max_nodes)
 
     # ---- prefill: the prompt into the cache, the first token from the target -----------------
-    P = input_ids.shape[1]
+    prompt = dict(inputs_embeds=embeds) if embeds is not None else dict(input_ids=input_ids)
+    P = offset + input_ids.shape[1]
     out = model(
-        input_ids=input_ids,
+        **prompt,
         position_ids=torch.arange(P, device=device)[None],
         **cache_kwargs(model, cache),
         use_cache=True,
@@ -216,7 +251,7 @@ def speculative_decoding(
     observe_acceptance = getattr(budget_policy, "observe_acceptance", None)
     while not done:
         L = ids.shape[1]
-        past = L - 1  # the root (last token) is not in the target cache yet
+        past = offset + L - 1  # cache positions; the root (last token) is not in the target cache yet
         remaining = max_length - L  # new tokens still allowed after the root
         depth_limit = min(spec.block_size - 1, remaining - 1)
         root = int(ids[0, -1])
@@ -254,105 +289,159 @@ def speculative_decoding(
 # generate() integration
 # ------------------------------------------------------------------------------------------------
 
-def _resolve_method(method: str | None, tree_budget) -> tuple[str, Any]:
+def _is_auto(tree_budget) -> bool:
+    return isinstance(tree_budget, str) and tree_budget == "auto"
+
+
+def _as_int(name: str, value, lo: int, hi: int, what: str = "") -> int:
+    """`value` as a python int if it is an integral number (int, numpy integer, ...; not bool) in [lo, hi]."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name} must be an int in [{lo}, {hi}]{what}, got {value!r}.")
+    value = int(value)
+    if not lo <= value <= hi:
+        raise ValueError(f"{name}={value} is out of range: use {lo} <= {name} <= {hi}.")
+    return value
+
+
+def _resolve_method(method: str | None, tree_budget, max_tree_budget=None) -> tuple[str, int | None]:
+    """(method, budget): the loop's method and its node budget (the cap under CaDDTree, None for DFlash).
+
+    One meaning per argument (refused when they contradict, never ignored):
+      * tree_budget=<int>: DDTree verifies that many nodes every round (default 64).
+      * tree_budget="auto" (or method="auto"): CaDDTree picks the budget each round, capped at
+        max_tree_budget (default 256). method="auto", tree_budget=<int> sets the cap to that int (then a
+        different max_tree_budget is refused).
+      * max_tree_budget only applies under CaDDTree; with a fixed budget or DFlash it is refused.
+    Integral numbers of any type (numpy integers, ...) are accepted and converted to int; bool is not.
+    """
+    auto = _is_auto(tree_budget)
     if method is None:
-        if tree_budget is None:
-            return "dflash", None
-        method = "auto" if tree_budget == "auto" else "ddtree"
+        method = "dflash" if tree_budget is None else ("auto" if auto else "ddtree")
     if method not in METHODS:
         raise ValueError(f"method={method!r} is not one of {METHODS}.")
     if method == "dflash":
         if tree_budget is not None:
             raise ValueError("method='dflash' verifies the drafter's single chain: drop tree_budget, or use method='ddtree'.")
+    elif method == "auto" or auto:
+        if method in D2SD_METHODS:
+            raise ValueError("tree_budget='auto' (CaDDTree) takes one drafter; D2SD needs an int tree_budget (e.g. 64).")
+        if tree_budget is None or auto:
+            if max_tree_budget is None:
+                return "auto", DEFAULT_MAX_TREE_BUDGET
+            return "auto", _as_int("max_tree_budget", max_tree_budget, 1, MAX_TREE_BUDGET)
+        cap = _as_int("tree_budget", tree_budget, 1, MAX_TREE_BUDGET, " (method='auto': the CaDDTree cap)")
+        if max_tree_budget is not None and max_tree_budget != cap:
+            raise ValueError(
+                f"method='auto' with tree_budget={cap} caps CaDDTree at {cap} nodes, but max_tree_budget={max_tree_budget!r} "
+                "asks for another cap: pass one of them (tree_budget='auto', max_tree_budget=N is the usual form)."
+            )
+        return "auto", cap
+    if max_tree_budget is not None:
+        raise ValueError(
+            f"max_tree_budget only applies to tree_budget='auto' (CaDDTree, which picks the budget each round up to "
+            f"that cap); method={method!r} verifies a fixed budget. Drop max_tree_budget, or pass tree_budget='auto'."
+        )
+    if method == "dflash":
         return method, None
-    if method == "auto" or tree_budget == "auto":
-        return "auto", tree_budget
     if tree_budget is None:
         tree_budget = 64
-    if isinstance(tree_budget, bool) or not isinstance(tree_budget, int):
+    if isinstance(tree_budget, bool) or not isinstance(tree_budget, numbers.Integral):
         raise ValueError(f"tree_budget must be an int in [0, {MAX_TREE_BUDGET}] or 'auto', got {tree_budget!r}.")
+    tree_budget = int(tree_budget)
     if not 0 <= tree_budget <= MAX_TREE_BUDGET:
         raise ValueError(f"tree_budget={tree_budget} is out of range: use 0 <= tree_budget <= {MAX_TREE_BUDGET} (64 is a good default).")
-    return "ddtree", tree_budget
+    return method, tree_budget
 
 
 def _ddtree_generate(self, inputs=None, generation_config=None, *args, assistant_model=None, tree_budget=None,
-                     method=None, max_tree_budget: int = 256, collect_timing: bool = False, **kwargs):
-    """`generate()` that understands `assistant_model=<DFlash drafter>, tree_budget=..., method=...`."""
+                     method=None, max_tree_budget=None, collect_timing: bool = False, **kwargs):
+    """`generate()` that understands `assistant_model=<DFlash drafter>, tree_budget=..., method=...`.
+
+    tree_budget: int (DDTree: that many draft nodes verified per round; default 64 once a tree is asked
+    for) or "auto" (CaDDTree). method: "ddtree", "dflash" (the drafter's chain; the default without
+    tree_budget), "auto" (CaDDTree), "d2sd" / "d2sd-tree" (two drafters). max_tree_budget: the CaDDTree
+    cap (default 256), refused with a fixed budget. See `_resolve_method` for the exact rules.
+    """
     if kwargs.get("custom_generate") is not None:
         # The caller picked a recipe (e.g. custom_generate="<drafter repo>", whose generate.py comes back
         # here without custom_generate): hand it our arguments untouched instead of passing it twice.
-        for key, value in (("assistant_model", assistant_model), ("tree_budget", tree_budget), ("method", method)):
+        for key, value in (("assistant_model", assistant_model), ("tree_budget", tree_budget), ("method", method),
+                           ("max_tree_budget", max_tree_budget)):
             if value is not None:
                 kwargs[key] = value
-        if max_tree_budget != 256:
-            kwargs["max_tree_budget"] = max_tree_budget
         if collect_timing:
             kwargs["collect_timing"] = collect_timing
         return GenerationMixin.generate(self, inputs, generation_config, *args, **kwargs)
     if isinstance(assistant_model, (tuple, list)):
         return _d2sd_generate(self, inputs, generation_config, *args, drafters=assistant_model,
-                              tree_budget=tree_budget, method=method, collect_timing=collect_timing, **kwargs)
+                              tree_budget=tree_budget, method=method, max_tree_budget=max_tree_budget,
+                              collect_timing=collect_timing, **kwargs)
     if method in D2SD_METHODS:
         raise ValueError(f"method={method!r} needs two drafters: assistant_model=(drafter, variable_prefix_drafter).")
     if assistant_model is None or not is_dflash_drafter(assistant_model):
-        if tree_budget is not None or method is not None:
+        if tree_budget is not None or method is not None or max_tree_budget is not None:
             what = "no assistant_model" if assistant_model is None else f"a {type(assistant_model).__name__} assistant"
             raise ValueError(
-                f"tree_budget/method need a DFlash drafter as assistant_model, got {what}. Load one with "
+                f"tree_budget/method/max_tree_budget need a DFlash drafter as assistant_model, got {what}. Load one with "
                 "AutoModel.from_pretrained('<org>/<name>-DFlash...', trust_remote_code=True), or drop tree_budget/method."
             )
         if assistant_model is not None:
             kwargs["assistant_model"] = assistant_model
         return GenerationMixin.generate(self, inputs, generation_config, *args, **kwargs)
 
-    method, budget = _resolve_method(method, tree_budget)
+    method, budget = _resolve_method(method, tree_budget, max_tree_budget)
     policy = None
     if method == "auto":
         from .budget import caddtree_policy
 
-        if not isinstance(max_tree_budget, int) or not 1 <= max_tree_budget <= MAX_TREE_BUDGET:
-            raise ValueError(f"max_tree_budget must be an int in [1, {MAX_TREE_BUDGET}], got {max_tree_budget!r}.")
-        budget = max_tree_budget
-        policy = caddtree_policy(self, assistant_model, max_nodes=max_tree_budget)
+        policy = caddtree_policy(self, assistant_model, max_nodes=budget)
 
     return _run(self, inputs, generation_config, args, kwargs, drafter=assistant_model, method=method,
                 tree_budget=budget, budget_policy=policy, collect_timing=collect_timing)
 
 
 def _d2sd_generate(self, inputs, generation_config, *args, drafters, tree_budget, method, collect_timing,
-                   d2sd_boundaries: int = 4, d2sd_alternatives: int = 1, **kwargs):
+                   max_tree_budget=None, d2sd_boundaries: int = 4, d2sd_alternatives: int = 1, **kwargs):
     if len(drafters) != 2 or not all(is_dflash_drafter(d) for d in drafters):
         raise ValueError("D2SD takes assistant_model=(drafter, variable_prefix_drafter): two DFlash drafters.")
     method = method or "d2sd"
     if method not in D2SD_METHODS:
         raise ValueError(f"two drafters run D2SD: method must be one of {D2SD_METHODS}, got {method!r}.")
-    if tree_budget == "auto":
+    if _is_auto(tree_budget):
         raise ValueError("tree_budget='auto' (CaDDTree) takes one drafter; D2SD needs an int tree_budget (e.g. 64).")
-    _, budget = _resolve_method("ddtree", 64 if tree_budget is None else tree_budget)
-    for name, v in (("d2sd_boundaries", d2sd_boundaries), ("d2sd_alternatives", d2sd_alternatives)):
-        if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 64:
-            raise ValueError(f"{name} must be an int in [1, 64], got {v!r}.")
+    _, budget = _resolve_method(method, tree_budget, max_tree_budget)
+    d2sd_boundaries = _as_int("d2sd_boundaries", d2sd_boundaries, 1, 64)
+    d2sd_alternatives = _as_int("d2sd_alternatives", d2sd_alternatives, 1, 64)
     return _run(self, inputs, generation_config, args, kwargs, drafter=drafters[0], drafter2=drafters[1],
                 method=method, tree_budget=budget, collect_timing=collect_timing,
                 d2sd_boundaries=d2sd_boundaries, d2sd_alternatives=d2sd_alternatives)
 
 
 def _run(self, inputs, generation_config, args, kwargs, **loop_kwargs):
-    """GenerationMixin.generate with our loop as the callable custom_generate."""
+    """GenerationMixin.generate with our loop as the callable custom_generate.
+
+    Stop strings are turned into a StopStringCriteria here: generate() drops `tokenizer` when
+    custom_generate is a callable, so it could not build one itself. They come, like in stock
+    generate(), from the `stop_strings=` argument, else the `generation_config=` argument, else the
+    model's own generation_config; the copy generate() sees has none left.
+    """
     tokenizer = kwargs.pop("tokenizer", None)
+    explicit = "stop_strings" in kwargs  # stop_strings=None given explicitly switches the model's off, like stock
     stop_strings = kwargs.pop("stop_strings", None)
-    if stop_strings is None and generation_config is not None:
-        stop_strings = getattr(generation_config, "stop_strings", None)
+    config_stop_strings = getattr(generation_config, "stop_strings", None) if generation_config is not None else None
+    model_stop_strings = getattr(getattr(self, "generation_config", None), "stop_strings", None)
+    if not explicit:
+        stop_strings = config_stop_strings if config_stop_strings is not None else model_stop_strings
     if stop_strings is not None:
         if tokenizer is None:
             raise ValueError("stop_strings needs the tokenizer: pass generate(..., tokenizer=tokenizer).")
         extra = StoppingCriteriaList([StopStringCriteria(tokenizer, stop_strings)])
         user = kwargs.pop("stopping_criteria", None)
         kwargs["stopping_criteria"] = StoppingCriteriaList(list(user or []) + list(extra))
-        if generation_config is not None and getattr(generation_config, "stop_strings", None) is not None:
-            generation_config = generation_config.__class__.from_dict(
-                {**generation_config.to_dict(), "stop_strings": None})
+    if config_stop_strings is not None:
+        generation_config = generation_config.__class__.from_dict({**generation_config.to_dict(), "stop_strings": None})
+    if model_stop_strings is not None:  # else generate() fills the model's back in as a default
+        kwargs["stop_strings"] = None
 
     fn = functools.partial(speculative_decoding, streamer=kwargs.get("streamer"), **loop_kwargs)
     return GenerationMixin.generate(self, inputs, generation_config, *args, custom_generate=fn, **kwargs)

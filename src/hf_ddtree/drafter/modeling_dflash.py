@@ -191,6 +191,18 @@ class DFlashDraftModel(Qwen3PreTrainedModel):
         self.hidden_norm = Qwen3RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_init()
 
+    def __getattr__(self, name: str):
+        # Stock generate(assistant_model=drafter) without `speculation_type="dflash"` treats the drafter
+        # as a small causal LM and reads its generation_config: say what to do instead of "no attribute".
+        # (An AttributeError still, so hasattr()/getattr(..., None) probes keep working.)
+        if name == "generation_config":
+            raise AttributeError(
+                f"{type(self).__name__} is a DFlash drafter, not a causal LM: generate(assistant_model=drafter) cannot "
+                "run it as a classic assistant. Call hf_ddtree.enable(target) first (DDTree / DFlash), or pass "
+                "speculation_type='dflash' to generate() (transformers' built-in DFlash chain)."
+            )
+        return super().__getattr__(name)
+
     def forward(
         self,
         position_ids: torch.LongTensor,  # (B, C + Q)
