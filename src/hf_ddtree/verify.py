@@ -23,7 +23,7 @@ from transformers.generation.logits_process import (
     EtaLogitsWarper,
 )
 
-from .cache import mask_width, tree_attention_mask
+from .cache import mask_width, tree_attention_masks
 from .compat import cache_kwargs, gather_features, hidden_states_request
 from .tree import Tree
 
@@ -56,11 +56,12 @@ def run_tree(target, tree: Tree, cache, past_len: int, hidden_indices: list[int]
     n = tree.tokens.numel()
     ids = tree.tokens.to(device)[None]  # (1, n+1)
     position_ids = (tree.depths.to(device) + past_len)[None]  # (1, n+1)
-    mask = tree_attention_mask(tree.visibility(), past_len, mask_width(cache, past_len, n), dtype, device)
+    mask = tree_attention_masks(target.config, tree.visibility(), tree.depths, past_len,
+                                mask_width(cache, past_len, n), dtype, device)
     out = target(
         input_ids=ids,
         position_ids=position_ids,
-        attention_mask=mask,  # (1, 1, n+1, kv_len)
+        attention_mask=mask,  # (1, 1, n+1, kv_len), or {layer type: mask} for hybrid targets
         **cache_kwargs(target, cache),
         use_cache=True,
         output_hidden_states=hidden_states_request(hidden_indices),

@@ -122,6 +122,15 @@ def validate_pair(target, drafter) -> DrafterSpec:
     return spec
 
 
+def _full_attention_rope(rope: dict | None) -> dict | None:
+    """The rope parameters a full-attention drafter uses. Targets like Gemma 3 store them per layer
+    type ({"full_attention": {...}, "sliding_attention": {...}}): take the full-attention ones (the
+    drafter is a Qwen3-style full-attention model), else those of the first layer type."""
+    if rope and all(isinstance(v, dict) for v in rope.values()):
+        return rope.get("full_attention") or next(iter(rope.values()))
+    return rope
+
+
 def make_drafter_config(
     target_config,
     *,
@@ -139,7 +148,7 @@ def make_drafter_config(
         target_layer_ids = default_target_layer_ids(n_target, num_hidden_layers)
     heads = tcfg.num_attention_heads
     head_dim = getattr(tcfg, "head_dim", None) or tcfg.hidden_size // heads
-    rope = getattr(tcfg, "rope_parameters", None) or {"rope_type": "default", "rope_theta": 10000.0}
+    rope = _full_attention_rope(getattr(tcfg, "rope_parameters", None)) or {"rope_type": "default", "rope_theta": 10000.0}
     kwargs = dict(
         vocab_size=tcfg.vocab_size,
         hidden_size=tcfg.hidden_size,
