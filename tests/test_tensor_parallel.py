@@ -153,3 +153,59 @@ def test_two_tensor_parallel_ranks_match_each_other_and_one_process(saved_models
         assert "max_time" in ref["max_time"]
         assert "itself sharded" in ref["sharded_drafter"]
         assert "'colwise'" in ref["vocab_split_logits"] and "colwise_gather_output" in ref["vocab_split_logits"]
+
+
+# ---- hf-ddtree bench --tp N ------------------------------------------------------------------------
+
+def test_bench_tp_needs_as_many_ranks(capsys, monkeypatch):
+    from hf_ddtree.bench.cli import bench_main
+
+    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    with pytest.raises(SystemExit) as e:
+        bench_main(["--tp", "2", "--out", "x"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "--tp 2 needs exactly 2 ranks" in err and "torchrun --nproc-per-node 2" in err
+
+
+def test_bench_tp_divergence_names_the_rows():
+    from hf_ddtree.bench.cli import tp_divergence
+
+    row = {"prompt_index": 0, "method": "ddtree:4", "temperature": 0.0, "output_ids": [1, 2]}
+    assert tp_divergence([[row], [dict(row)]]) == []
+    assert tp_divergence([[row], [{**row, "output_ids": [1, 3]}]]) == [
+        "prompt 0 ddtree:4 T=0: rank 1 differs from rank 0"]
+
+
+@pytest.mark.skipif(os.environ.get("HF_DDTREE_TEST_DIST") != "1",
+                    reason="torchrun with 2 gloo ranks (~20-60 s of imports on a shared CPU); set HF_DDTREE_TEST_DIST=1")
+@pytest.mark.skipif(importlib.util.find_spec("accelerate") is None,
+                    reason="transformers' tp_plan needs accelerate: pip install 'hf_ddtree[tp]'")
+def test_bench_tp_two_ranks(saved_models, tmp_path):
+    """`torchrun --nproc-per-node 2 -m hf_ddtree.cli bench --tp 2`: every rank decodes every prompt, rank 0
+    writes the usual tables; greedy rows identical to AR, both ranks agreed on every row."""
+    prompts = saved_models / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"id": f"p{i}", "input_ids": p}) + "\n"
+                               for i, p in enumerate([tp_worker.PROMPT, tp_worker.SECOND_PROMPT])))
+    out = tmp_path / "bench"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
+           "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), "-m", "hf_ddtree.cli", "bench",
+           "--tp", "2", "--target", str(saved_models / "target"), "--drafter", str(saved_models / "drafter"),
+           "--dataset", str(prompts), "--methods", "ar,ddtree:4,caddtree", "--max-tree-budget", "8",
+           "--max-new-tokens", "6", "--temperature", "0,1", "--warmup", "0", "--no-plots", "--no-progress",
+           "--out", str(out)]
+    src = str(Path(hf_ddtree.__file__).resolve().parents[1])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "HF_DDTREE_CACHE": str(tmp_path / "c"),
+           "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert "| caddtree |" in proc.stdout and "target tensor-parallel" in proc.stdout
+    data = json.loads((out / "results.json").read_text())
+    cfg = data["config"]
+    assert cfg["tensor_parallel"] == 2 and cfg["world_size"] == 2 and cfg["tp_ranks_identical"] is True
+    assert cfg["rank_errors"] == [] and [r["prompts"] for r in cfg["ranks"]] == [2, 2]  # no prompt split
+    rows = data["rows"]
+    assert len(rows) == 2 * 2 * 3 and {r["rank"] for r in rows} == {0}
+    assert all(r["status"] == "ok" for r in rows)
+    assert all(r["identical_to_ar"] for r in rows if r["temperature"] == 0)
