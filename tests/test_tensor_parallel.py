@@ -147,10 +147,12 @@ def test_two_tensor_parallel_ranks_match_each_other_and_one_process(saved_models
     # CaDDTree's latency model: calibrated once, written by the leader only; the second run read it
     assert len(ranks[0]["cache_files"]) == 1 and ranks[1]["cache_files"] == []
 
+    assert ranks[0]["refusals"]["one_rank_refuses"].startswith("Rank 1 of the tensor-parallel target refused")
     for r in ranks:
         ref = r["refusals"]
         assert "same generate() call" in ref["different_prompts"] and "prompt" in ref["different_prompts"]
         assert "max_time" in ref["max_time"]
+        assert "drafter is on meta" in ref["one_rank_refuses"] and "drafter.to(target.device)" in ref["one_rank_refuses"]
         assert "itself sharded" in ref["sharded_drafter"]
         assert "'colwise'" in ref["vocab_split_logits"] and "colwise_gather_output" in ref["vocab_split_logits"]
 

@@ -93,6 +93,12 @@ def run_refusals(model_dir: Path, target, drafter, rank: int) -> dict:
     other = torch.tensor([SECOND_PROMPT]) if rank == 1 else ids
     res["different_prompts"] = _refusal(lambda: target.generate(other, assistant_model=drafter, tree_budget=4,
                                                                  max_new_tokens=4, do_sample=False))
+    # a refusal on one rank only (rank 1's drafter is not next to its shard) reaches every rank
+    import copy
+
+    misplaced = copy.deepcopy(drafter).to("meta") if rank == 1 else drafter
+    res["one_rank_refuses"] = _refusal(lambda: target.generate(ids, assistant_model=misplaced, tree_budget=4,
+                                                               max_new_tokens=4, do_sample=False))
     res["max_time"] = _refusal(lambda: target.generate(ids, assistant_model=drafter, tree_budget=4, max_new_tokens=4,
                                                        do_sample=False, max_time=60.0))
     sharded_drafter = DFlashDraftModel.from_pretrained(model_dir / "drafter", dtype=torch.float32, tp_plan="auto")

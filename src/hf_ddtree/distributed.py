@@ -107,7 +107,9 @@ def check_tensor_parallel(target, input_ids: torch.Tensor, generation_config, dr
     """Before any forward: None for an ordinary target; for a tensor-parallel one, refuse what cannot
     work (ValueError naming the fix) and check that every rank got the same call. Returns the TPGroup.
 
-    input_ids: (1, P) this rank's prompt. drafters: the DFlash drafter(s) (None entries are skipped).
+    The checks are gathered over the ranks (one all_gather_object per call), so when one rank refuses
+    (say its drafter sits on another device) every rank raises, instead of the others waiting in the
+    first forward. input_ids: (1, P) this rank's prompt. drafters: the DFlash drafter(s), None skipped.
     """
     drafters = [d for d in drafters if d is not None]
     for d in drafters:
@@ -120,50 +122,50 @@ def check_tensor_parallel(target, input_ids: torch.Tensor, generation_config, dr
     tp = tensor_parallel_group(target)
     if tp is None:
         return None
-    name, style = _output_head_style(target)
-    if style is not None and tp_style_shards_output(style) is not False:
-        raise ValueError(
-            f"The target's tp_plan shards its output head {name!r} with style {style!r}, which "
-            + ("leaves the logits split over the vocabulary across ranks" if tp_style_shards_output(style)
-               else "hf_ddtree does not know")
-            + ": every rank needs the full logits to verify the tree. Use a plan whose lm_head gathers its "
-            f"output, e.g. tp_plan={{..., {name!r}: 'colwise_gather_output'}} (tp_plan='auto' does this)."
-        )
-    device = next(target.parameters()).device
-    for d in drafters:
-        ddev = next(d.parameters()).device
-        if ddev != device:
-            raise ValueError(
-                f"The DFlash drafter is on {ddev} but this rank's shard of the target is on {device}: on a "
-                "tensor-parallel target each rank needs its own copy of the drafter next to its shard. "
-                "Move it with drafter.to(target.device) on every rank."
-            )
-    if getattr(generation_config, "max_time", None) is not None:
-        raise ValueError(
-            "max_time stops generation at a wall-clock moment each rank of a tensor-parallel target would reach at "
-            "a different round: drop max_time (use max_new_tokens) with a tensor-parallel target."
-        )
-    _check_same_call(tp, input_ids, generation_config, max_nodes, method)
-    return tp
-
-
-def _check_same_call(tp: TPGroup, input_ids: torch.Tensor, generation_config, max_nodes: int, method: str) -> None:
+    problem = _local_problem(target, generation_config, drafters)
+    ids = input_ids.detach().to("cpu", torch.int64).contiguous()
+    call = (int(ids.shape[1]), zlib.crc32(ids.numpy().tobytes()), int(generation_config.max_length),
+            bool(generation_config.do_sample), int(max_nodes), str(method))
     import torch.distributed as dist
 
-    ids = input_ids.detach().to("cpu", torch.int64).contiguous()
-    mine = torch.tensor([ids.shape[1], zlib.crc32(ids.numpy().tobytes()), int(generation_config.max_length),
-                         int(bool(generation_config.do_sample)), int(max_nodes), zlib.crc32(method.encode())],
-                        dtype=torch.int64)
-    parts = [torch.empty_like(mine, device=tp.device) for _ in range(tp.size)]
-    dist.all_gather(parts, mine.to(tp.device), group=tp.group)
-    parts = [p.cpu() for p in parts]
-    if any(not torch.equal(p, parts[0]) for p in parts):
+    parts: list = [None] * tp.size
+    dist.all_gather_object(parts, (problem, call), group=tp.group)
+    if problem is not None:
+        raise ValueError(problem)
+    others = [(r, p) for r, (p, _) in enumerate(parts) if p is not None]
+    if others:
+        r, p = others[0]
+        raise ValueError(f"Rank {r} of the tensor-parallel target refused this generate() call: {p}")
+    if any(c != parts[0][1] for _, c in parts):
         fields = ("prompt length", "prompt checksum", "max_length", "do_sample", "tree budget", "method")
-        diff = [f for i, f in enumerate(fields) if len({int(p[i]) for p in parts}) > 1]
+        diff = [f for i, f in enumerate(fields) if len({c[i] for _, c in parts}) > 1]
         raise ValueError(
             f"The ranks of the tensor-parallel target called generate() differently ({', '.join(diff)} differ): "
             "every rank must run the same generate() call with the same prompt and arguments."
         )
+    return tp
+
+
+def _local_problem(target, generation_config, drafters) -> str | None:
+    """What this rank cannot run on a tensor-parallel target, as an error message (None if nothing)."""
+    name, style = _output_head_style(target)
+    if style is not None and tp_style_shards_output(style) is not False:
+        what = ("leaves the logits split over the vocabulary across ranks" if tp_style_shards_output(style)
+                else "hf_ddtree does not know")
+        return (f"The target's tp_plan shards its output head {name!r} with style {style!r}, which {what}: every rank "
+                "needs the full logits to verify the tree. Use a plan whose lm_head gathers its output, e.g. "
+                f"tp_plan={{..., {name!r}: 'colwise_gather_output'}} (tp_plan='auto' does this).")
+    device = next(target.parameters()).device
+    for d in drafters:
+        ddev = next(d.parameters()).device
+        if ddev != device:
+            return (f"The DFlash drafter is on {ddev} but this rank's shard of the target is on {device}: on a "
+                    "tensor-parallel target each rank needs its own copy of the drafter next to its shard. "
+                    "Move it with drafter.to(target.device) on every rank.")
+    if getattr(generation_config, "max_time", None) is not None:
+        return ("max_time stops generation at a wall-clock moment each rank of a tensor-parallel target would reach "
+                "at a different round: drop max_time (use max_new_tokens) with a tensor-parallel target.")
+    return None
 
 
 # ------------------------------------------------------------------------------------------------
