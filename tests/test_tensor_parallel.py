@@ -101,7 +101,7 @@ def saved_models(tmp_path_factory):
 @pytest.mark.skipif(importlib.util.find_spec("accelerate") is None,
                     reason="transformers' tp_plan needs accelerate: pip install 'hf_ddtree[tp]'")
 def test_two_tensor_parallel_ranks_match_each_other_and_one_process(saved_models, tmp_path, monkeypatch):
-    """DDTree, the DFlash chain and CaDDTree (twice: calibrating, then from the leader's disk cache), static
+    """DDTree, the DFlash chain, CaDDTree (twice: calibrating, then from the leader's disk cache) and D^2SD, static
     and dynamic caches, greedy and seeded sampling: both ranks produce the same tokens, trees and acceptance,
     equal to the same calls on the unsharded model in this process (and to plain AR); the refusals fire on
     both ranks before any forward."""

@@ -22,7 +22,8 @@ NEW = 12
 SEED = 1234
 # (name, generate kwargs); "auto" runs twice: calibrating, then from the leader's disk cache
 METHODS = (("ddtree:4", dict(tree_budget=4)), ("dflash", dict()),
-           ("caddtree", dict(tree_budget="auto", max_tree_budget=16)))
+           ("caddtree", dict(tree_budget="auto", max_tree_budget=16)),
+           ("d2sd-tree:8", dict(method="d2sd-tree", tree_budget=8)))  # drafter twice: D^2SD's second drafter
 CACHES = ("static", "dynamic")
 
 
@@ -65,7 +66,8 @@ def run_cases(target, drafter) -> dict:
                     if name == "caddtree" and attempt == 1:
                         _forget_calibrations()  # the second run reads the leader's disk cache
                     torch.manual_seed(SEED)
-                    res = target.generate(ids, assistant_model=drafter, cache_implementation=cache,
+                    assistant = (drafter, drafter) if name.startswith("d2sd") else drafter
+                    res = target.generate(ids, assistant_model=assistant, cache_implementation=cache,
                                           return_dict_in_generate=True, **gen, **kw)
                     out[f"{name}/{cache}/{mode}/{attempt}"] = {
                         "tokens": res.sequences[0].tolist(), "tree_sizes": list(res.stats.tree_sizes),
