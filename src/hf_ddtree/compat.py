@@ -91,3 +91,49 @@ def gather_features(out, indices):
     import torch
 
     return torch.cat([out.hidden_states[i] for i in indices], dim=-1)
+
+
+# ------------------------------------------------------------------------------------------------
+# Tensor-parallel targets (from_pretrained(tp_plan="auto") under torchrun)
+# ------------------------------------------------------------------------------------------------
+# Both ends keep the sharding degree in `model._tp_size` and the mesh in `model._device_mesh`; the
+# mesh is 1-D over the TP ranks up to 5.2x and (pp, fsdp, tp) in 5.24. The named styles
+# ("colwise", "colwise_gather_output", ...) live in `transformers.distributed.tensor_parallel`
+# in both, as objects whose `output_layouts` says whether a module's output stays sharded.
+
+def tensor_parallel_size(model) -> int:
+    """How many ranks transformers sharded `model` over (1 when it is not tensor parallel)."""
+    size = getattr(model, "_tp_size", None)
+    return int(size) if size else 1
+
+
+def tensor_parallel_process_group(model):
+    """The process group of `model`'s tensor-parallel mesh dimension (None when not sharded)."""
+    if tensor_parallel_size(model) <= 1:
+        return None
+    mesh = getattr(model, "_device_mesh", None)
+    if mesh is None:
+        return None
+    names = tuple(getattr(mesh, "mesh_dim_names", None) or ())
+    if "tp" in names:
+        return mesh.get_group("tp")
+    return mesh.get_group()
+
+
+def tp_style_shards_output(style: str) -> bool | None:
+    """True if the named TP style leaves a module's output sharded (e.g. "colwise"), False if its
+    output is whole on every rank ("colwise_gather_output", "rowwise", ...), None if unknown."""
+    try:
+        from transformers.distributed.tensor_parallel import ALL_PARALLEL_STYLES
+        from torch.distributed.tensor import Shard
+    except ImportError:  # pragma: no cover - torch without distributed
+        return None
+    try:
+        obj = ALL_PARALLEL_STYLES[style]
+    except KeyError:
+        return None
+    layouts = getattr(obj, "output_layouts", None)
+    if layouts is None:
+        return False  # styles without output layouts (replicated, all-reduce) do not shard outputs
+    layouts = layouts if isinstance(layouts, (tuple, list)) else (layouts,)
+    return any(isinstance(p, Shard) for p in layouts)

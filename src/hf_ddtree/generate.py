@@ -22,6 +22,7 @@ from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from .cache import compact, make_cache
 from .compat import CACHE_FIELD, cache_from_kwargs, cache_kwargs, gather_features, hidden_states_request
+from .distributed import check_tensor_parallel, leader_proposer, leader_token, leader_walk
 from .drafter import DrafterSpec, is_dflash_drafter, validate_pair
 from .propose import make_proposer
 from .tree import Tree, build_chain
@@ -173,6 +174,7 @@ def speculative_decoding(
     max_length = int(generation_config.max_length)
     hidden_idx = spec.hidden_state_indices
     max_nodes = _resolve_budget(method, tree_budget, spec.block_size)
+    tp = check_tensor_parallel(model, input_ids, generation_config, (drafter, drafter2), max_nodes, method)  # None unless tp_plan
 
     stats = DecodeStats()
     clock = _Clock(stats, device, collect_timing)
@@ -241,12 +243,12 @@ def speculative_decoding(
     context = gather_features(out, hidden_idx)[0]  # (P, F) pending drafter context
     raw = out.logits[0, -1:].float()  # (1, V)
     scores = logits_processor(input_ids, raw.clone()) if logits_processor else raw
-    ids, done = commit(input_ids, [_pick(scores[0], do_sample)], [0], scores, raw)
+    ids, done = commit(input_ids, [leader_token(tp, lambda: _pick(scores[0], do_sample))], [0], scores, raw)
     clock.lap("prefill_s")
 
-    proposer = make_proposer(model, drafter, spec, method, max_nodes, budget_policy, clock.lap,
+    proposer = leader_proposer(make_proposer(model, drafter, spec, method, max_nodes, budget_policy, clock.lap,
                              drafter2=drafter2, spec2=spec2, boundaries=d2sd_boundaries,
-                             alternatives=d2sd_alternatives)
+                             alternatives=d2sd_alternatives), tp)
 
     observe_acceptance = getattr(budget_policy, "observe_acceptance", None)
     while not done:
@@ -266,7 +268,7 @@ def speculative_decoding(
         # ---- verify: one target forward over root + nodes, ancestor-only mask ------------------
         raw, feats = run_tree(model, tree, cache, past, hidden_idx)  # (n+1, V), (n+1, F)
         scores = process_scores(logits_processor, ids, tree, raw)
-        path, nxt = walk(tree, scores, do_sample)
+        path, nxt = leader_walk(tp, lambda: walk(tree, scores, do_sample), max_nodes)
         if observe_acceptance is not None:
             observe_acceptance(len(path) - 1)  # CaDDTree calibrates its acceptance estimate
         clock.lap("verify_s")
@@ -392,7 +394,7 @@ def _ddtree_generate(self, inputs=None, generation_config=None, *args, assistant
     method, budget = _resolve_method(method, tree_budget, max_tree_budget)
     policy = None
     if method == "auto":
-        from .budget import caddtree_policy
+        from .distributed import caddtree_policy  # budget.caddtree_policy, one decision on tensor-parallel targets
 
         policy = caddtree_policy(self, assistant_model, max_nodes=budget)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -25,7 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Benchmark AR / DFlash / DDTree / CaDDTree / D^2SD (and transformers' PLD and DFlash) on the same prompts in "
             "one process, methods interleaved per prompt. Writes results.json, results.csv, summary.md and plots. "
-            "Data parallel under torchrun: prompts are sharded across ranks and merged on rank 0."),
+            "Data parallel under torchrun: prompts are sharded across ranks and merged on rank 0. "
+            "Tensor parallel with --tp N under torchrun --nproc-per-node N: the target is sharded over the N ranks "
+            "(transformers tp_plan='auto'), every rank decodes every prompt, rank 0 reports."),
         epilog=(
             "example: hf-ddtree bench --target smollm2-135m --drafter default --dataset humaneval,gsm8k,mt-bench "
             "--methods ar,dflash,ddtree:16,ddtree:64,ddtree:256,caddtree --max-new-tokens 256 --temperature 0,1 "
@@ -57,6 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=1, help="untimed warm-up generations per method before timing")
     p.add_argument("--max-tree-budget", type=int, default=256, help="node cap for caddtree (tree_budget='auto')")
     p.add_argument("--pld-tokens", type=int, default=10, help="prompt_lookup_num_tokens for the pld baseline")
+    p.add_argument("--tp", type=int, default=1,
+                   help="tensor-parallel degree: shard the target over N ranks with transformers' tp_plan='auto' "
+                        "(run under torchrun --nproc-per-node N, N = the world size; needs accelerate: "
+                        "pip install 'hf_ddtree[tp]'). 1 (default): under torchrun, ranks split the prompts instead")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--no-progress", action="store_true")
@@ -103,12 +110,15 @@ def dist_info_from_env(env=None) -> DistInfo:
     return DistInfo(rank, world, local_rank, local_world)
 
 
-def init_distributed(info: DistInfo) -> DistInfo:
+def init_distributed(info: DistInfo, tensor_parallel: bool = False) -> DistInfo:
     if info.world_size > 1:
         import torch.distributed as dist
 
         if not dist.is_initialized():
-            dist.init_process_group("gloo")  # object gathering only; models run per rank
+            # data parallel: object gathering only, models run per rank. Tensor parallel: the target's
+            # collectives run on this group too (nccl for CUDA tensors, gloo for CPU ones).
+            backend = "cpu:gloo,cuda:nccl" if tensor_parallel and torch.cuda.is_available() else "gloo"
+            dist.init_process_group(backend)
             info.initialized_here = True
     return info
 
@@ -159,9 +169,9 @@ def describe_device(device: torch.device) -> str:
     return f"{name} (cpu, {os.cpu_count()} logical cores)"
 
 
-def load_target_and_tokenizer(name: str, dtype: torch.dtype, attn: str):
+def load_target_and_tokenizer(name: str, dtype: torch.dtype, attn: str, **from_pretrained_kwargs):
     """Known embedded targets via hf_ddtree.models.load_target; paths / Hub ids via transformers, with the
-    tokenizer optional (pre-tokenized prompts need none)."""
+    tokenizer optional (pre-tokenized prompts need none). Extra kwargs (tp_plan) go to from_pretrained."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     known = ()
@@ -172,9 +182,10 @@ def load_target_and_tokenizer(name: str, dtype: torch.dtype, attn: str):
     except ImportError:
         models = None
     if models is not None and (name in known or not (Path(name).expanduser().exists() or "/" in name)):
-        return models.load_target(name, dtype=dtype, attn_implementation=attn)
+        return models.load_target(name, dtype=dtype, attn_implementation=attn, **from_pretrained_kwargs)
     path = str(Path(name).expanduser()) if Path(name).expanduser().exists() else name
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn).eval()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn,
+                                                 **from_pretrained_kwargs).eval()
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except Exception:  # e.g. a bare model directory; fine for token-id prompts
@@ -227,10 +238,15 @@ def load_drafter2(args, target, drafter) -> tuple[object | None, str | None]:
 
 
 def load_pair(args, device: torch.device):
-    """(target, tokenizer, drafter) on `device`; drafter is None when no method needs one."""
+    """(target, tokenizer, drafter) on `device`; drafter is None when no method needs one. With --tp > 1
+    the target is sharded by transformers (tp_plan="auto" places each rank's shard) and the drafter is
+    a full copy next to it."""
     dtype = _dtype(args.dtype)
-    target, tokenizer = load_target_and_tokenizer(args.target, dtype, args.attn)
-    target = target.to(device).eval()
+    if getattr(args, "tp", 1) > 1:
+        target, tokenizer = load_target_and_tokenizer(args.target, dtype, args.attn, tp_plan="auto")
+    else:
+        target, tokenizer = load_target_and_tokenizer(args.target, dtype, args.attn)
+        target = target.to(device).eval()
     methods = parse_methods(args.methods)
     drafter = None
     if any(m.kind not in ("ar", "pld") for m in methods):
@@ -305,6 +321,7 @@ def build_config(args, argv, info: DistInfo, device: torch.device, methods: list
         "device_type": device.type,
         "threads": torch.get_num_threads(),
         "world_size": info.world_size,
+        "tensor_parallel": getattr(args, "tp", 1),
         "seed": args.seed,
         "warmup": args.warmup,
         "max_tree_budget": args.max_tree_budget,
@@ -346,8 +363,15 @@ def bench_main(argv=None) -> int:
         parser.error("--max-tree-budget must be in 1..4096")
     if not 1 <= args.d2sd_boundaries <= 64:
         parser.error("--d2sd-boundaries must be in 1..64")
+    info = dist_info_from_env()
+    if args.tp < 1 or (args.tp > 1 and args.tp != info.world_size):
+        parser.error(f"--tp {args.tp} needs exactly {args.tp} ranks: run it as torchrun --nproc-per-node {args.tp} "
+                     f"-m hf_ddtree.cli bench ... --tp {args.tp} (this run has {info.world_size}); data parallel x "
+                     "tensor parallel is not supported")
+    if args.tp > 1 and importlib.util.find_spec("accelerate") is None:
+        parser.error("--tp needs accelerate (transformers' tp_plan loading): pip install 'hf_ddtree[tp]'")
 
-    info = init_distributed(dist_info_from_env())
+    info = init_distributed(info, tensor_parallel=args.tp > 1)
     try:
         return _run(args, argv, methods, temps, info)
     finally:
@@ -381,7 +405,8 @@ def _run(args, argv, methods, temps, info: DistInfo) -> int:
         if drafter2_error:
             log(f"second drafter unavailable, d2sd methods will be skipped: {drafter2_error}")
         prompts = load_bench_prompts(args.dataset, tokenizer, args.limit)
-        mine = shard_prompts(prompts, info.rank, info.world_size)
+        tp = args.tp > 1  # tensor parallel: every rank decodes every prompt (the target's forwards are collectives)
+        mine = list(prompts) if tp else shard_prompts(prompts, info.rank, info.world_size)
         rank_info["prompts"] = len(mine)
         log(f"{len(mine)} of {len(prompts)} prompts x {len(temps)} temperature(s) x {len(methods)} methods")
         t0 = time.perf_counter()
@@ -409,11 +434,19 @@ def _run(args, argv, methods, temps, info: DistInfo) -> int:
         for e in errors:
             log(f"ERROR {e}")
         return 1
-    all_rows = merge_rows([p[0] for p in parts], [m.name for m in methods])
+    if args.tp > 1:
+        # every rank decoded every prompt: report rank 0's rows and timings, check the others made the same tokens
+        diverged = tp_divergence([p[0] for p in parts])
+        errors += [f"tensor parallel: {d}" for d in diverged]
+        all_rows = merge_rows([parts[0][0]], [m.name for m in methods])
+    else:
+        all_rows = merge_rows([p[0] for p in parts], [m.name for m in methods])
     config = build_config(args, argv, info, device, methods, temps, prompts, target, drafter)
     config["ranks"] = [p[1] for p in parts]
     config["wall_s"] = max(p[1]["wall_s"] for p in parts)
     config["rank_errors"] = errors
+    if args.tp > 1:
+        config["tp_ranks_identical"] = not any(e.startswith("tensor parallel:") for e in errors)
 
     from .report import write_results
 
@@ -427,6 +460,21 @@ def _run(args, argv, methods, temps, info: DistInfo) -> int:
         log(f"ERROR {e} (its prompts are missing from the results)")
     log("wrote " + ", ".join(sorted(res["files"].values())))
     return 1 if errors else exit_code(all_rows, args.dtype)
+
+
+def tp_divergence(rows_per_rank: list[list[dict]]) -> list[str]:
+    """Under --tp every rank decodes every prompt: '<prompt> <method> T=<t>: rank r differs' for each row
+    whose output tokens differ from rank 0's (hf_ddtree's methods must agree exactly; an empty list is success)."""
+    def key(r):
+        return (r["prompt_index"], r["method"], r["temperature"])
+
+    ref = {key(r): r.get("output_ids") for r in rows_per_rank[0]}
+    out = []
+    for rank, rows in enumerate(rows_per_rank[1:], start=1):
+        for r in rows:
+            if key(r) in ref and r.get("output_ids") != ref[key(r)]:
+                out.append(f"prompt {r['prompt_index']} {r['method']} T={r['temperature']:g}: rank {rank} differs from rank 0")
+    return out
 
 
 def _loadavg() -> list[float] | None:

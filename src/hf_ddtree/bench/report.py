@@ -173,6 +173,15 @@ def _f(v, fmt="{:.2f}", none="–"):
     return none if v is None else fmt.format(v)
 
 
+def _ranks(config: dict) -> str:
+    """' x N ranks (tensor parallel)' / ' x N ranks (data parallel)' / '' for one process."""
+    world = config.get("world_size", 1) or 1
+    if world <= 1:
+        return ""
+    how = "target tensor-parallel" if (config.get("tensor_parallel") or 1) > 1 else "prompts split"
+    return f" x {world} ranks ({how})"
+
+
 def format_markdown(summaries: Sequence[dict], config: dict | None = None) -> str:
     """Per temperature: an overall table (acceptance, tok/s, speedup, identity, time split) and a
     per-dataset table (acceptance length / speedup), ready for docs/benchmarks.md."""
@@ -180,7 +189,7 @@ def format_markdown(summaries: Sequence[dict], config: dict | None = None) -> st
     if config:
         bits = [f"target `{config.get('target')}`", f"drafter `{config.get('drafter')}`", f"{config.get('dtype')}",
                 f"{config.get('max_new_tokens')} new tokens", f"{config.get('device')}",
-                f"{config.get('threads')} threads" + (f" x {config['world_size']} ranks" if config.get("world_size", 1) > 1 else ""),
+                f"{config.get('threads')} threads" + _ranks(config),
                 f"torch {config.get('torch')}", f"transformers {config.get('transformers')}"]
         lines.append("Setup: " + ", ".join(bits) + ".")
         if config.get("command"):
