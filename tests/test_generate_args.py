@@ -172,7 +172,7 @@ def fake_caddtree(monkeypatch):
 
     caps = []
 
-    def policy_factory(target, drafter, max_nodes):
+    def policy_factory(target, drafter, max_nodes, **kwargs):
         caps.append(max_nodes)
         return lambda tree: min(tree.num_nodes, max_nodes)
 
