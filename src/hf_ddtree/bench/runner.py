@@ -489,7 +489,7 @@ def run_benchmark(
     # CaDDTree calibrates its latency model once per (models, device); do it outside any timing.
     if any(m.kind == "caddtree" for m in methods) and bprompts:
         try:
-            from hf_ddtree.budget import calibrate
+            from hf_ddtree.calibrate import calibrate
 
             t0 = time.perf_counter()
             with torch.inference_mode():
