@@ -23,8 +23,8 @@ from transformers.generation.utils import GenerateDecoderOnlyOutput
 from .cache import compact, make_cache, mask_width
 from .compat import CACHE_FIELD, cache_from_kwargs, cache_kwargs, gather_features, hidden_states_request
 from .drafter import DrafterSpec, is_dflash_drafter, validate_pair
-from .propose import (D2SD_ALTERNATIVES, D2SD_BOUNDARIES, D2SD_METHODS, DEFAULT_MAX_TREE_BUDGET, DEFAULT_TREE_BUDGET,
-                      MAX_TREE_BUDGET, METHODS, Round, make_proposer)
+from .propose import (D2SD_ALTERNATIVES, D2SD_BOUNDARIES, D2SD_MAX_BRANCHES, D2SD_METHODS, DEFAULT_MAX_TREE_BUDGET,
+                      DEFAULT_TREE_BUDGET, MAX_TREE_BUDGET, METHODS, Round, make_proposer)
 from .tree import Tree, build_chain
 from .verify import choose, verify_tree
 
@@ -347,8 +347,8 @@ def _d2sd_generate(self, inputs, generation_config, *args, drafters, tree_budget
         raise ValueError("tree_budget='auto' (CaDDTree) takes one drafter; D2SD needs an int tree_budget (e.g. 64).")
     _, budget = _resolve_method("ddtree", tree_budget)
     for name, v in (("d2sd_boundaries", d2sd_boundaries), ("d2sd_alternatives", d2sd_alternatives)):
-        if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 64:
-            raise ValueError(f"{name} must be an int in [1, 64], got {v!r}.")
+        if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= D2SD_MAX_BRANCHES:
+            raise ValueError(f"{name} must be an int in [1, {D2SD_MAX_BRANCHES}], got {v!r}.")
     return _run(self, inputs, generation_config, args, kwargs, drafter=drafters[0], drafter2=drafters[1],
                 method=method, tree_budget=budget, collect_timing=collect_timing,
                 d2sd_boundaries=d2sd_boundaries, d2sd_alternatives=d2sd_alternatives)
@@ -392,6 +392,11 @@ def disable(model):
         del model.generate
     model.__dict__.pop("_hf_ddtree_enabled", None)
     return model
+
+
+def is_enabled(model) -> bool:
+    """Whether `enable(model)` is in effect on this instance."""
+    return bool(getattr(model, "_hf_ddtree_enabled", False))
 
 
 def generate(model, input_ids, drafter, **kwargs):

@@ -78,17 +78,18 @@ def run_custom_generate(model, **generate_arguments):
     fetch the recipe). This drops the download kwargs and hands the rest to hf_ddtree's own
     `generate()` wrapper, so the recipe and `hf_ddtree.enable(target)` run the same code.
     """
-    from .generate import _ddtree_generate
+    from .generate import generate
 
     for key in _HUB_LOADING_KWARGS:
         generate_arguments.pop(key, None)
-    if generate_arguments.get("assistant_model") is None:
+    drafter = generate_arguments.pop("assistant_model", None)
+    if drafter is None:
         raise ValueError(
             "This custom_generate recipe runs DDTree / DFlash speculative decoding and needs the drafter: pass "
             "assistant_model=AutoModel.from_pretrained('<drafter repo>', trust_remote_code=True) "
             "(or hf_ddtree.hub.load_drafter('<drafter repo>')). Without a drafter, drop custom_generate."
         )
-    return _ddtree_generate(model, **generate_arguments)
+    return generate(model, generate_arguments.pop("inputs", None), drafter, **generate_arguments)
 
 
 _CUSTOM_GENERATE_PY = '''\

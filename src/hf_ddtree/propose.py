@@ -35,6 +35,7 @@ DEFAULT_TREE_BUDGET = 64  # tree_budget when a tree method is asked for without 
 DEFAULT_MAX_TREE_BUDGET = 256  # CaDDTree's cap (max_tree_budget)
 D2SD_BOUNDARIES = 4  # rejection depths drafter 2 re-anchors at
 D2SD_ALTERNATIVES = 1  # alternative tokens per boundary
+D2SD_MAX_BRANCHES = 64  # the largest d2sd_boundaries / d2sd_alternatives accepted
 
 
 @dataclass
