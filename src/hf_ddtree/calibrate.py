@@ -81,20 +81,24 @@ def _config_hash(model) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def cpu_name() -> str:
+    """The CPU model ("model name" in /proc/cpuinfo, else what `platform` knows)."""
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return name
+
+
 def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     if device.type == "cpu":
-        name = platform.processor() or platform.machine()
-        try:
-            with open("/proc/cpuinfo") as f:
-                for line in f:
-                    if line.startswith("model name"):
-                        name = line.split(":", 1)[1].strip()
-                        break
-        except OSError:
-            pass
-        return f"{name} x{torch.get_num_threads()} threads"
+        return f"{cpu_name()} x{torch.get_num_threads()} threads"
     return device.type
 
 

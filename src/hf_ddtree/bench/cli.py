@@ -150,16 +150,9 @@ def resolve_device(spec: str, info: DistInfo) -> torch.device:
 def describe_device(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)} (cuda)"
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.lower().startswith("model name"):
-                    name = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"{name} (cpu, {os.cpu_count()} logical cores)"
+    from hf_ddtree.calibrate import cpu_name
+
+    return f"{cpu_name()} (cpu, {os.cpu_count()} logical cores)"
 
 
 def load_target_and_tokenizer(name: str, dtype: torch.dtype, attn: str):
