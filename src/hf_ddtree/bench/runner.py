@@ -223,14 +223,18 @@ class ForwardRecorder:
 
 
 class HFDFlashAdapter(torch.nn.Module):
-    """Lets transformers' built-in DFlash candidate generator drive our DFlashDraftModel.
+    """Lets transformers' built-in DFlash candidate generator drive a drafter that does not speak its
+    interface natively (the `hf-dflash` baseline's fallback).
 
     transformers (generation/candidate_generator.py, DFlashTokenCandidateGenerator) reads
     `assistant_model.config.{block_size, mask_token_id, target_layer_ids}` at the top level and calls
     `assistant_model(noise_embeds=, context_hidden_states=, position_ids=, attention_mask=<2D or None>,
-    cache=<DFlashCache>)` (`past_key_values=` before 5.24), reading `.last_hidden_state`. Our drafter keeps mask/layers in
-    `config.dflash_config` and returns a tensor, so this wrapper supplies both. The draft itself is the
-    drafter's own forward; only the interface is adapted.
+    cache=<DFlashCache>)` (`past_key_values=` before 5.24), reading `.last_hidden_state`. Our
+    `DFlashDraftModel` does all of that itself (it mirrors the fields at the config's top level and
+    returns a `BaseModelOutputWithPast` for those keyword names), so the bench normally runs it
+    directly and this wrapper is only used when that native call fails: e.g. a drafter class that
+    keeps the fields only in `config.dflash_config` and returns a tensor (z-lab's remote code). The
+    draft itself is the drafter's own forward; only the interface is adapted.
     """
 
     def __init__(self, drafter):
