@@ -344,7 +344,9 @@ def _d2sd_generate(self, inputs, generation_config, *args, drafters, tree_budget
     if method not in D2SD_METHODS:
         raise ValueError(f"two drafters run D2SD: method must be one of {D2SD_METHODS}, got {method!r}.")
     if tree_budget == "auto":
-        raise ValueError("tree_budget='auto' (CaDDTree) takes one drafter; D2SD needs an int tree_budget (e.g. 64).")
+        raise ValueError("tree_budget='auto' (CaDDTree) is not wired to D2SD in generate() yet (the loop can apply "
+                         "a budget policy to D2SD trees, but its calibration needs both drafters): pass an int "
+                         f"tree_budget (e.g. {DEFAULT_TREE_BUDGET}).")
     _, budget = _resolve_method("ddtree", tree_budget)
     for name, v in (("d2sd_boundaries", d2sd_boundaries), ("d2sd_alternatives", d2sd_alternatives)):
         if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= D2SD_MAX_BRANCHES:
