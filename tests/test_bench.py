@@ -74,19 +74,19 @@ def tiny_prompts(n_per_dataset: int = 2, datasets=("code", "math"), seed: int = 
 def one_thread_and_fake_calibration():
     """One torch thread (tiny models, shared machine), and a synthetic CaDDTree latency model instead of
     timing one: the policy, truncation and generate path stay real, only calibration is skipped."""
-    from hf_ddtree import budget
+    from hf_ddtree import budget, calibrate
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    real = budget.calibrate
+    real = calibrate.calibrate
 
     def fake_calibrate(target, drafter=None, max_nodes=256, **kw):
-        ns = budget.default_sizes(max_nodes)
+        ns = calibrate.default_sizes(max_nodes)
         return budget.LatencyModel.from_points(ns, [1e-3 * (1 + 0.05 * n) for n in ns], t_draft=5e-4)
 
-    budget.calibrate = fake_calibrate
+    calibrate.calibrate = fake_calibrate
     yield
-    budget.calibrate = real
+    calibrate.calibrate = real
     torch.set_num_threads(threads)
 
 

@@ -10,10 +10,10 @@ from transformers import Qwen3Config, Qwen3ForCausalLM
 
 import hf_ddtree
 from hf_ddtree import DFlashDraftModel, budget, make_drafter_config
+from hf_ddtree import calibrate as calibration
+from hf_ddtree.calibrate import caddtree_policy, calibrate
 from hf_ddtree.budget import (
     LatencyModel,
-    caddtree_policy,
-    calibrate,
     choose_budget,
     exhaustive_best_budget,
     fit_convex_nondecreasing,
@@ -33,9 +33,9 @@ def is_convex_nondecreasing(xs, ys, tol=1e-12):
 def _isolated_cache(tmp_path, monkeypatch):
     """Every test gets its own empty on-disk calibration cache and a clean in-process memo."""
     monkeypatch.setenv("HF_DDTREE_CACHE", str(tmp_path / "hfdd"))
-    budget.clear_memory_cache()
+    calibration.clear_memory_cache()
     yield
-    budget.clear_memory_cache()
+    calibration.clear_memory_cache()
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +65,7 @@ def _no_timing(*args, **kwargs):
 # ------------------------------------------------------------------------------------------------
 
 def test_fit_interpolates_convex_input_exactly():
-    ns = budget.default_sizes(256)
+    ns = calibration.default_sizes(256)
     assert ns == [0, 1, 2, 4, 8, 16, 32, 64, 128, 256]
     ts = [2.0 + 0.01 * n + 1e-4 * n * n for n in ns]
     kx, ky = fit_convex_nondecreasing(ns, ts)
@@ -150,7 +150,7 @@ def _random_probs(rng, n):
 def _random_convex_latency(rng, cap):
     kind = rng.randrange(3)
     if kind == 0:  # a calibrated-looking model: noisy measurements through the convex fit
-        ns = budget.default_sizes(cap)
+        ns = calibration.default_sizes(cap)
         base, lin, quad = rng.uniform(0.5, 5), rng.uniform(0, 0.05), rng.uniform(0, 1e-3)
         ts = [base + lin * n + quad * n * n + rng.gauss(0, 0.05 * base) for n in ns]
         return LatencyModel.from_points(ns, ts, t_draft=rng.uniform(0, 2))
@@ -233,7 +233,7 @@ def test_acceptance_calibration_rescales_the_surrogate():
     n0 = over(tree)
     assert n0 == exhaustive_best_budget(probs, lat, 64) and n0 > 0
     for _ in range(60):
-        over.observe_acceptance(0)
+        over.observe([0])
         n = over(tree)
     r = over.acceptance_scale
     assert over.min_scale <= r < 0.1 and n < n0
@@ -243,16 +243,16 @@ def test_acceptance_calibration_rescales_the_surrogate():
     fixed = budget.CaDDTreePolicy(lat, 64, calibrate_acceptance=False)
     for _ in range(60):
         fixed(tree)
-        fixed.observe_acceptance(0)
+        fixed.observe([0])
     assert fixed.acceptance_scale == 1.0 and fixed(tree) == n0
 
     honest = budget.CaDDTreePolicy(lat, 64)  # accepted = promised: r stays 1, budgets stay the surrogate's
     for _ in range(30):
         k = honest(tree)
-        honest.observe_acceptance(sum(probs[:k]))
+        honest.observe([sum(probs[:k])])
     assert honest.acceptance_scale == pytest.approx(1.0) and honest(tree) == n0
-    honest.observe_acceptance(3)
-    honest.observe_acceptance(3)  # a report without a preceding choice is ignored
+    honest.observe([3])
+    honest.observe([3])  # a report without a preceding choice is ignored
     assert honest.acceptance_scale > 1.0
 
 
@@ -286,7 +286,7 @@ def test_calibration_cache_roundtrip(tiny_pair, tmp_path, monkeypatch):
         calls.append(max_nodes)
         return {"ns": [0, 4, max_nodes], "times": [1.0, 1.1, 1.5 + max_nodes / 100], "t_draft": 0.2, "seconds": 0.0}
 
-    monkeypatch.setattr(budget, "measure_latency", fake_measure)
+    monkeypatch.setattr(calibration, "measure_latency", fake_measure)
     lat = calibrate(target, drafter, 32)
     assert calls == [32]
     files = list((tmp_path / "hfdd" / "latency").glob("*.json"))
@@ -296,14 +296,14 @@ def test_calibration_cache_roundtrip(tiny_pair, tmp_path, monkeypatch):
     assert blob["key"]["device_type"] == "cpu" and blob["key"]["dtype"] == "torch.float32"
 
     # same key, fresh process (memo cleared): loaded from disk, no timing
-    budget.clear_memory_cache()
-    monkeypatch.setattr(budget, "measure_latency", _no_timing)
+    calibration.clear_memory_cache()
+    monkeypatch.setattr(calibration, "measure_latency", _no_timing)
     again = calibrate(target, drafter, 32)
     assert again.knots_n == lat.knots_n and again.knots_t == lat.knots_t and again.t_draft == lat.t_draft
     assert caddtree_policy(target, drafter, max_nodes=32).latency.knots_t == lat.knots_t
 
     # a different key (cap; no drafter) recalibrates
-    monkeypatch.setattr(budget, "measure_latency", fake_measure)
+    monkeypatch.setattr(calibration, "measure_latency", fake_measure)
     calibrate(target, drafter, 64)
     calibrate(target, None, 32)
     assert calls == [32, 64, 32]
@@ -311,7 +311,7 @@ def test_calibration_cache_roundtrip(tiny_pair, tmp_path, monkeypatch):
 
     # a corrupt file is ignored and rewritten
     files[0].write_text("{not json")
-    budget.clear_memory_cache()
+    calibration.clear_memory_cache()
     calibrate(target, drafter, 32)
     assert calls == [32, 64, 32, 32]
     assert json.loads(files[0].read_text())["key"]["max_nodes"] == 32
@@ -332,11 +332,11 @@ def test_real_calibration_policy_and_lossless_generate(tiny_pair, monkeypatch):
         assert isinstance(n, int) and 0 <= n <= 32
 
     # generate(tree_budget="auto") must take the cached calibration, not time again
-    budget.clear_memory_cache()
-    monkeypatch.setattr(budget, "measure_latency", _no_timing)
+    calibration.clear_memory_cache()
+    monkeypatch.setattr(calibration, "measure_latency", _no_timing)
     reports = []
-    observe = budget.CaDDTreePolicy.observe_acceptance
-    monkeypatch.setattr(budget.CaDDTreePolicy, "observe_acceptance",
+    observe = budget.CaDDTreePolicy.observe
+    monkeypatch.setattr(budget.CaDDTreePolicy, "observe",
                         lambda self, k: (reports.append(k), observe(self, k))[1])
     hf_ddtree.enable(target)
     try:
@@ -350,4 +350,5 @@ def test_real_calibration_policy_and_lossless_generate(tiny_pair, monkeypatch):
     assert out.stats.tree_sizes and all(0 <= n <= 32 for n in out.stats.tree_sizes)
     # the loop reports every round's accepted drafts to the policy (its acceptance calibration)
     assert len(reports) == len(out.stats.acceptance_lengths)
-    assert [k + 1 for k in reports][:-1] == out.stats.acceptance_lengths[:-1]
+    assert all(len(k) == 1 for k in reports)  # one entry per row
+    assert [k[0] + 1 for k in reports][:-1] == out.stats.acceptance_lengths[:-1]

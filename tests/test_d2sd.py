@@ -21,7 +21,7 @@ import torch
 
 import hf_ddtree
 from hf_ddtree.drafter import DrafterSpec, drafter_spec
-from hf_ddtree.propose import D2SDProposer, DrafterState, rejection_boundaries
+from hf_ddtree.propose import D2SDProposer, DrafterState, Round, rejection_boundaries
 from hf_ddtree.tree import build_tree, merge_paths, topk_per_position, tree_paths
 
 import test_sampling as ts
@@ -201,8 +201,8 @@ def test_batched_blocks_equal_single_block_calls(impl):
             b[k, 1:1 + k + round_] = torch.randint(0, mask, (k + round_,), generator=g)
         return b
 
-    rounds = [(torch.randn(6, feat, generator=g), 6, blocks_for(0)),
-              (torch.randn(3, feat, generator=g), 9, blocks_for(1))]
+    rounds = [(torch.randn(1, 6, feat, generator=g), 6, blocks_for(0)),
+              (torch.randn(1, 3, feat, generator=g), 9, blocks_for(1))]
     batched = DrafterState(drafter, spec, embed, head)
     singles = [DrafterState(drafter, spec, embed, head) for _ in range(K)]
     with torch.no_grad():
@@ -215,7 +215,7 @@ def test_batched_blocks_equal_single_block_calls(impl):
                 torch.testing.assert_close(lp[k], one[0], atol=1e-5, rtol=0)
         # the last round's blocks, all context at once into a fresh state: the same again
         fresh = DrafterState(drafter, spec, embed, head)
-        lp_fresh = fresh.draft(rounds[-1][2], torch.cat([rounds[0][0], rounds[1][0]]), rounds[-1][1])
+        lp_fresh = fresh.draft(rounds[-1][2], torch.cat([rounds[0][0], rounds[1][0]], dim=1), rounds[-1][1])
         torch.testing.assert_close(lp, lp_fresh, atol=1e-5, rtol=0)
     # the blocks really differ, so the equality above is not vacuous
     assert (lp[0] - lp[-1]).abs().max() > 1e-3
@@ -248,7 +248,7 @@ def test_proposer_blocks_and_paths(method, K, A, D, bs2, budget):
     spec1 = DrafterSpec(8, 19, (0, 1))
     spec2 = DrafterSpec(bs2, 18, (0, 1))
     s1, s2 = StubState(spec1, V, 1), StubState(spec2, V, 2)
-    tree = D2SDProposer(s1, s2, method, budget, boundaries=K, alternatives=A).propose(root, None, 10, D)
+    tree = D2SDProposer(s1, s2, method, budget, boundaries=K, alternatives=A).propose(Round(torch.tensor([[root]]), None, torch.tensor([10]), D))
 
     assert s1.blocks[0].tolist() == [[root] + [19] * 7]
     lp1 = s1.out[0][0, :D]

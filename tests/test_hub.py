@@ -109,14 +109,23 @@ def _assert_same_weights(a, b):
 # ------------------------------------------------------------------------------------------------
 
 def test_hub_configs_in_sync_with_package():
-    config = json.loads((HUB_CONFIGS / "config.json").read_text())
-    for rel, want in expected_hub_configs(config).items():
+    for rel, want in expected_hub_configs().items():
         path = HUB_CONFIGS / rel
         assert path.exists() and path.read_bytes() == want, (
             f"hub_configs/{rel} differs from what the package generates "
             "(modeling_dflash.py must be byte-identical to src/hf_ddtree/drafter/modeling_dflash.py): "
             "run `python scripts/sync_hub_configs.py`."
         )
+
+
+def test_hub_configs_config_has_the_shipped_drafters_shape():
+    from hf_ddtree.models import default_drafter_dir
+
+    shipped = json.loads((default_drafter_dir() / "config.json").read_text())
+    template = json.loads((HUB_CONFIGS / "config.json").read_text())
+    for key in ("block_size", "num_hidden_layers", "hidden_size", "vocab_size", "num_target_layers"):
+        assert template[key] == shipped[key], key
+    assert template["dflash_config"] == shipped["dflash_config"]
 
 
 def test_hub_configs_config_builds_a_drafter():

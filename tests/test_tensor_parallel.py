@@ -64,8 +64,8 @@ def test_tp_style_output_sharding():
     assert tp_style_shards_output("no-such-style") is None
 
 
-def test_calibrate_of_an_ordinary_target_is_budget_calibrate(monkeypatch):
-    from hf_ddtree import budget
+def test_calibrate_of_an_ordinary_target_is_plain_calibrate(monkeypatch):
+    from hf_ddtree import budget, calibrate
 
     seen = []
 
@@ -73,7 +73,7 @@ def test_calibrate_of_an_ordinary_target_is_budget_calibrate(monkeypatch):
         seen.append(max_nodes)
         return budget.LatencyModel.from_points([0, max_nodes], [1e-3, 2e-3], t_draft=1e-3)
 
-    monkeypatch.setattr(budget, "calibrate", fake)
+    monkeypatch.setattr(calibrate, "calibrate", fake)
     t = build_target()
     policy = distributed.caddtree_policy(t, build_drafter(t), max_nodes=8)
     assert isinstance(policy, budget.CaDDTreePolicy) and seen == [8]

@@ -39,9 +39,9 @@ def load_pair(model_dir: Path, tp: bool):
 
 
 def _forget_calibrations() -> None:
-    from hf_ddtree import budget, distributed
+    from hf_ddtree import calibrate, distributed
 
-    budget.clear_memory_cache()
+    calibrate.clear_memory_cache()
     distributed._MEMO.clear()
 
 

@@ -5,11 +5,11 @@
     out = target.generate(input_ids, assistant_model=drafter, tree_budget=64, max_new_tokens=256)
 """
 
-from .drafter import DFlashDraftModel, drafter_spec, is_dflash_drafter, make_drafter_config, validate_pair
-from .generate import DDTreeGenerateOutput, DecodeStats, disable, enable, generate, speculative_decoding
-from .tree import Tree, build_chain, build_tree
+__version__ = "0.1.0"  # before the imports: calibrate.py keys its disk cache by it
 
-__version__ = "0.1.0"
+from .drafter import DFlashDraftModel, drafter_spec, is_dflash_drafter, make_drafter_config, validate_pair
+from .generate import DDTreeGenerateOutput, DecodeStats, disable, enable, generate, is_enabled, speculative_decoding
+from .tree import Tree, build_chain, build_tree
 
 __all__ = [
     "DDTreeGenerateOutput",
@@ -23,6 +23,7 @@ __all__ = [
     "enable",
     "generate",
     "is_dflash_drafter",
+    "is_enabled",
     "make_drafter_config",
     "speculative_decoding",
     "validate_pair",

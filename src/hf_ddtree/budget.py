@@ -18,37 +18,22 @@ intervals, and it has no flat step before a rise), so growing n while F(n+1) > F
 the first non-increase finds the global maximum: `choose_budget`. `exhaustive_best_budget` is the
 reference argmax.
 
-Calibration (`calibrate`) times `verify.run_tree` (+ walk + compact) on a synthetic best-first tree
-at a few sizes and the drafter's round (forward + lm_head + top-k + tree build at the cap), fits the
-convex curve, and caches the result as JSON under `$HF_DDTREE_CACHE/latency/` (default
-`~/.cache/hf_ddtree/latency/`), keyed by model configs, device, dtype, torch version and cap.
-`caddtree_policy` wraps it all into the `policy(tree) -> n` that generate(tree_budget="auto") uses.
+This module is the maths and the runtime policy only. The latency model's numbers come from
+`calibrate.py` (timing the loop's own draft and verify calls, cached on disk), which also builds
+the policy generate(tree_budget="auto") uses (`calibrate.caddtree_policy`).
 """
 
 from __future__ import annotations
 
 import bisect
-import hashlib
-import json
-import logging
 import math
-import os
-import platform
-import statistics
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
 
-from .compat import cache_kwargs, gather_features, hidden_states_request
-from .tree import Tree, build_tree, topk_per_position
-
-logger = logging.getLogger(__name__)
-
-CACHE_FORMAT = 1
-DEFAULT_PAST_LEN = 256
+from .tree import Tree
 
 
 # ------------------------------------------------------------------------------------------------
@@ -260,294 +245,6 @@ def exhaustive_best_budget(path_probs, latency, max_nodes: int | None = None) ->
 
 
 # ------------------------------------------------------------------------------------------------
-# Calibration
-# ------------------------------------------------------------------------------------------------
-
-def default_sizes(max_nodes: int) -> list[int]:
-    """0, 1, 2, 4, ..., powers of two below the cap, and the cap."""
-    ns, k = [0], 1
-    while k < max_nodes:
-        ns.append(k)
-        k *= 2
-    if max_nodes > 0:
-        ns.append(int(max_nodes))
-    return ns
-
-
-def cache_dir() -> Path:
-    root = os.environ.get("HF_DDTREE_CACHE")
-    if root:
-        return Path(root).expanduser() / "latency"
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "hf_ddtree" / "latency"
-
-
-def _config_hash(model) -> str:
-    if model is None:
-        return ""
-    config = getattr(model, "config", None)
-    if config is None:
-        return ""
-    d = config.to_dict() if hasattr(config, "to_dict") else dict(vars(config))
-    for k in ("_name_or_path", "transformers_version", "_commit_hash"):
-        d.pop(k, None)
-    blob = json.dumps(d, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    if device.type == "cpu":
-        name = platform.processor() or platform.machine()
-        try:
-            with open("/proc/cpuinfo") as f:
-                for line in f:
-                    if line.startswith("model name"):
-                        name = line.split(":", 1)[1].strip()
-                        break
-        except OSError:
-            pass
-        return f"{name} x{torch.get_num_threads()} threads"
-    return device.type
-
-
-def _param_device_dtype(model) -> tuple[torch.device, torch.dtype]:
-    p = next(model.parameters())
-    return p.device, p.dtype
-
-
-def calibration_key(target, drafter, max_nodes: int, past_len: int = DEFAULT_PAST_LEN,
-                    cache_implementation: str = "static") -> dict:
-    """What a cached calibration is valid for (its JSON file is named by this dict's hash)."""
-    device, dtype = _param_device_dtype(target)
-    key = {
-        "format": CACHE_FORMAT,
-        "target": str(getattr(target.config, "_name_or_path", "") or type(target).__name__),
-        "target_config": _config_hash(target),
-        "attn_implementation": str(getattr(target.config, "_attn_implementation", None)),
-        "drafter": "" if drafter is None else str(getattr(drafter.config, "_name_or_path", "") or type(drafter).__name__),
-        "drafter_config": _config_hash(drafter),
-        "device_type": device.type,
-        "device_name": _device_name(device),
-        "dtype": str(dtype),
-        "drafter_dtype": "" if drafter is None else str(_param_device_dtype(drafter)[1]),
-        "torch": torch.__version__,
-        "max_nodes": int(max_nodes),
-        "past_len": int(past_len),
-        "cache_implementation": cache_implementation,
-    }
-    return key
-
-
-def _key_path(key: dict) -> Path:
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
-    return cache_dir() / f"{digest}.json"
-
-
-def load_cached(key: dict) -> LatencyModel | None:
-    path = _key_path(key)
-    try:
-        with open(path) as f:
-            blob = json.load(f)
-        if blob.get("key") != key:
-            return None
-        return LatencyModel.from_dict(blob["model"])
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        logger.warning("hf_ddtree: ignoring unreadable latency cache %s (%s); recalibrating.", path, e)
-        return None
-
-
-def save_cached(key: dict, model: LatencyModel) -> Path | None:
-    path = _key_path(key)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        with open(tmp, "w") as f:
-            json.dump({"key": key, "model": model.to_dict(), "created": time.time()}, f, indent=1)
-        os.replace(tmp, path)
-        return path
-    except OSError as e:
-        logger.warning("hf_ddtree: could not write latency cache %s (%s); it will be recalibrated next time.", path, e)
-        return None
-
-
-def _synthetic_tree(max_nodes: int, depth: int, vocab: int, seed: int = 0) -> Tree:
-    """A realistic best-first tree: random peaked per-depth distributions, `max_nodes` nodes."""
-    g = torch.Generator().manual_seed(seed)
-    width = max(1, min(max_nodes, vocab))
-    logits = torch.randn(max(1, depth), vocab, generator=g) * 4.0
-    top_lp, top_ids = topk_per_position(torch.log_softmax(logits, dim=-1), width)
-    return build_tree(int(torch.randint(vocab, (1,), generator=g)), top_lp, top_ids, max_nodes)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-@torch.no_grad()
-def measure_latency(target, drafter, max_nodes: int, *, ns: Sequence[int] | None = None,
-                    past_len: int = DEFAULT_PAST_LEN, reps: int = 5, warmup: int = 1,
-                    cache_implementation: str = "static", progress: bool | None = None) -> dict:
-    """Time the target's tree verification at sizes `ns` and one drafter round.
-
-    Verify = `run_tree` on the first n nodes of a synthetic best-first tree over `past_len` cached
-    tokens, plus `walk` and `compact` (the rest of a round's per-node work). Draft = the drafter
-    forward over a few new context tokens + block, lm_head, log_softmax, top-k and `build_tree` at
-    the cap (the tree is always built at the cap in "auto" mode). Median of `reps` after `warmup`.
-    Returns {"ns", "times", "t_draft", "seconds"}.
-    """
-    from .cache import compact, make_cache
-    from .drafter import validate_pair
-    from .verify import run_tree, walk
-
-    t_start = time.perf_counter()
-    ns = sorted({int(n) for n in (default_sizes(max_nodes) if ns is None else ns) if 0 <= int(n) <= max_nodes})
-    if not ns:
-        raise ValueError(f"no calibration sizes within [0, {max_nodes}].")
-    spec = validate_pair(target, drafter) if drafter is not None else None
-    hidden_idx = spec.hidden_state_indices if spec is not None else None
-    depth = (spec.block_size - 1) if spec is not None else 15
-    device = target.device
-    config = target.config.get_text_config() if hasattr(target.config, "get_text_config") else target.config
-    vocab = target.get_input_embeddings().weight.shape[0]
-    max_pos = getattr(config, "max_position_embeddings", None)
-    if max_pos:
-        past_len = max(1, min(past_len, int(max_pos) - depth - 2))
-    tree = _synthetic_tree(max(ns), depth, vocab)
-    trees = {n: tree.truncate(min(n, tree.num_nodes)) for n in ns}
-
-    cache = make_cache(target, cache_implementation, past_len + 1 + max(ns))
-    g = torch.Generator().manual_seed(1)
-    prompt = torch.randint(vocab, (1, past_len), generator=g).to(device)
-    out = target(input_ids=prompt, position_ids=torch.arange(past_len, device=device)[None],
-                 **cache_kwargs(target, cache), use_cache=True, output_hidden_states=hidden_states_request(hidden_idx), logits_to_keep=1)
-    empty = torch.zeros(0, dtype=torch.long, device=device)
-
-    def verify_once(n: int) -> float:
-        t = trees[n]
-        _sync(device)
-        t0 = time.perf_counter()
-        raw, _ = run_tree(target, t, cache, past_len, hidden_idx)
-        path, _ = walk(t, raw.float(), False)
-        compact(cache, past_len, torch.tensor(path, dtype=torch.long, device=device))
-        _sync(device)
-        dt = time.perf_counter() - t0
-        compact(cache, past_len, empty)  # back to exactly past_len cached tokens
-        return dt
-
-    draft_once = None
-    if drafter is not None:
-        from transformers.cache_utils import DynamicCache
-
-        ddevice = next(drafter.parameters()).device
-        embed, lm_head = target.get_input_embeddings(), target.get_output_embeddings()
-        feats = gather_features(out, hidden_idx)[0]  # (past_len, F)
-        new_ctx = min(4, past_len)  # tokens a round typically adds to the drafter's context
-        dcache = DynamicCache()
-        q = spec.block_size
-        if past_len > new_ctx:
-            drafter(position_ids=torch.arange(past_len - new_ctx + q, device=ddevice)[None],
-                    noise_embedding=embed(torch.full((1, q), spec.mask_token_id, device=device)).to(ddevice),
-                    target_hidden=feats[None, :past_len - new_ctx].to(ddevice),
-                    **cache_kwargs(drafter, dcache), use_cache=True, is_causal=False)
-            dcache.crop(-q)
-        noise = torch.full((1, q), spec.mask_token_id, dtype=torch.long, device=device)
-        noise[0, 0] = int(prompt[0, -1])
-        pos = torch.arange(past_len - new_ctx, past_len + q, device=ddevice)[None]
-        ctx = feats[None, past_len - new_ctx:].to(ddevice)
-        root = int(prompt[0, -1])
-
-        def draft_once() -> float:
-            _sync(ddevice)
-            t0 = time.perf_counter()
-            hidden = drafter(position_ids=pos, noise_embedding=embed(noise).to(ddevice), target_hidden=ctx,
-                             **cache_kwargs(drafter, dcache), use_cache=True, is_causal=False)
-            dcache.crop(-q)
-            logits = lm_head(hidden[0, 1:1 + depth].to(lm_head.weight.dtype))
-            logprobs = torch.log_softmax(logits.float(), dim=-1)
-            top_lp, top_ids = topk_per_position(logprobs, max_nodes)
-            build_tree(root, top_lp.cpu(), top_ids.cpu(), max_nodes)
-            _sync(ddevice)
-            dt = time.perf_counter() - t0
-            dcache.crop(-new_ctx)  # forget this round's context so every rep sees the same state
-            return dt
-
-    bar = None
-    total = (warmup + reps) * (len(ns) + (draft_once is not None))
-    if progress is not False:
-        try:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=total, desc="hf_ddtree: calibrating verify latency", leave=False,
-                       disable=None if progress is None else not progress)
-        except ImportError:
-            bar = None
-    samples: dict[int, list[float]] = {n: [] for n in ns}
-    draft_samples: list[float] = []
-    for rep in range(warmup + reps):
-        for n in ns:  # interleaved, so slow drift affects every size alike
-            dt = verify_once(n)
-            if rep >= warmup:
-                samples[n].append(dt)
-            if bar is not None:
-                bar.update(1)
-        if draft_once is not None:
-            dt = draft_once()
-            if rep >= warmup:
-                draft_samples.append(dt)
-            if bar is not None:
-                bar.update(1)
-    if bar is not None:
-        bar.close()
-    return {
-        "ns": ns,
-        "times": [statistics.median(samples[n]) for n in ns],
-        "t_draft": statistics.median(draft_samples) if draft_samples else 0.0,
-        "seconds": time.perf_counter() - t_start,
-    }
-
-
-_MEMO: dict[str, LatencyModel] = {}
-
-
-def calibrate(target, drafter=None, max_nodes: int = 256, *, past_len: int = DEFAULT_PAST_LEN,
-              ns: Sequence[int] | None = None, reps: int = 5, warmup: int = 1,
-              cache_implementation: str = "static", use_cache: bool = True, progress: bool | None = None) -> LatencyModel:
-    """The LatencyModel of (target, drafter) on this machine: from memory, the disk cache, or timing.
-
-    The disk cache key is `calibration_key(...)` (models' configs, device, dtype, torch version,
-    cap, past_len, cache kind); ns/reps/warmup only affect a fresh calibration.
-    use_cache=False always re-times (and overwrites the cache entry).
-    """
-    if max_nodes < 0:
-        raise ValueError(f"max_nodes must be >= 0, got {max_nodes}.")
-    key = calibration_key(target, drafter, max_nodes, past_len, cache_implementation)
-    tag = json.dumps(key, sort_keys=True) + str(cache_dir())
-    if use_cache:
-        model = _MEMO.get(tag) or load_cached(key)
-        if model is not None:
-            _MEMO[tag] = model
-            return model
-    logger.info("hf_ddtree: calibrating CaDDTree latency model (one-time per model/device; cached in %s)", cache_dir())
-    m = measure_latency(target, drafter, max_nodes, ns=ns, past_len=past_len, reps=reps, warmup=warmup,
-                        cache_implementation=cache_implementation, progress=progress)
-    model = LatencyModel.from_points(m["ns"], m["times"], m["t_draft"], calibration_s=m["seconds"],
-                                     reps=reps, warmup=warmup)
-    save_cached(key, model)
-    _MEMO[tag] = model
-    return model
-
-
-def clear_memory_cache() -> None:
-    """Forget in-process calibrations (the disk cache stays)."""
-    _MEMO.clear()
-
-
-# ------------------------------------------------------------------------------------------------
 # The policy generate() uses
 # ------------------------------------------------------------------------------------------------
 
@@ -559,7 +256,7 @@ class CaDDTreePolicy:
     Acceptance calibration (on by default): the drafter's path probabilities are a surrogate, and
     a drafter that is over-confident (a young one usually is) makes E(n) = 1 + sum p_i promise more
     than rounds deliver, so the rule verifies trees that are too big. The decoding loop reports each
-    round's accepted draft tokens (`observe_acceptance`), and the policy keeps the ratio
+    round's accepted draft tokens (`observe`), and the policy keeps the ratio
     r = (discounted sum of accepted drafts) / (discounted sum of sum_{i<=n} p_i over the same rounds)
     and uses E(n) = 1 + r * sum_{i<=n} p_i. Scaling keeps E concave, so the stopping rule stays exact.
     The estimate starts at r = 1 with the weight of `prior_rounds` rounds and forgets with `decay`
@@ -611,11 +308,11 @@ class CaDDTreePolicy:
         self._last_mass = mass
         return n
 
-    def observe_acceptance(self, accepted_drafts: int) -> None:
-        """Called by the decoding loop after each round with the number of draft tokens accepted."""
+    def observe(self, accepted: Sequence[float]) -> None:
+        """Called by the decoding loop after each round: draft tokens accepted, one entry per row."""
         if self._last_mass is None:
             return
-        self._accepted = self.decay * self._accepted + float(accepted_drafts)
+        self._accepted = self.decay * self._accepted + float(sum(accepted))
         self._promised = self.decay * self._promised + self._last_mass
         self._last_mass = None
 
@@ -626,12 +323,3 @@ class CaDDTreePolicy:
             return
         new = (1 - self.ema) * lat.t_overhead + self.ema * (seconds - base)
         lat.set_overhead(max(new, -0.5 * self._base[0]))  # keeps T(0) > 0
-
-
-def caddtree_policy(target, drafter, max_nodes: int = 256, latency: LatencyModel | None = None,
-                    online: bool = False, calibrate_acceptance: bool = True, **calibrate_kwargs) -> CaDDTreePolicy:
-    """The CaDDTree budget policy for generate(tree_budget="auto"): calibrates (or loads the cached
-    calibration) unless `latency` is given. Extra kwargs go to `calibrate`."""
-    if latency is None:
-        latency = calibrate(target, drafter, max_nodes, **calibrate_kwargs)
-    return CaDDTreePolicy(latency, max_nodes, online=online, calibrate_acceptance=calibrate_acceptance)

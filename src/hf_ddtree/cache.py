@@ -111,11 +111,6 @@ def make_cache(target, kind: str, max_cache_len: int):
     return cache
 
 
-def live_length(cache) -> int:
-    """Number of committed tokens in the cache (python int)."""
-    return int(cache.get_seq_length())
-
-
 def mask_width(cache, past_len: int, num_new: int) -> int:
     """Key length attention sees for a forward of `num_new` tokens on top of `past_len`."""
     if isinstance(cache, StaticCache):
@@ -124,15 +119,32 @@ def mask_width(cache, past_len: int, num_new: int) -> int:
 
 
 def tree_attention_mask(visibility: torch.Tensor, past_len: int, kv_len: int, dtype: torch.dtype,
-                        device: torch.device) -> torch.Tensor:
-    """Additive mask (1, 1, n, kv_len): 0 where a node may attend (the cache, itself, its
-    ancestors), finfo(dtype).min elsewhere (later nodes, siblings, stale static slots)."""
+                        device: torch.device, *, num_real: int | None = None,
+                        out: torch.Tensor | None = None) -> torch.Tensor:
+    """Additive mask (1, 1, N, kv_len): 0 where a node may attend (the cache, itself, its
+    ancestors), finfo(dtype).min elsewhere (later nodes, siblings, stale static slots).
+
+    visibility: (N, N) bool, [i, j] = j is i or an ancestor of i (`Tree.visibility(device)`).
+    num_real: rows >= num_real are padding nodes: they see only themselves, not the cache.
+    out: a (1, 1, N, kv_len) buffer of `dtype` on `device` to write into (no allocation).
+    Built with tensor ops on `device` (no Python loop over nodes).
+    """
     n = visibility.shape[0]
-    mask = torch.full((1, 1, n, kv_len), torch.finfo(dtype).min, dtype=dtype, device=device)
-    mask[..., :past_len] = 0
-    block = mask[0, 0, :, past_len:past_len + n]
-    block.masked_fill_(visibility.to(device), 0)
-    return mask
+    vis = visibility.to(device)
+    key = torch.arange(kv_len, device=device)  # (K,)
+    rel = key - past_len  # key slot -> tree node index
+    in_tree = (rel >= 0) & (rel < n)
+    allowed = vis[:, rel.clamp(0, max(n - 1, 0))] & in_tree  # (N, K): ancestors and itself
+    sees_cache = (key < past_len)[None]  # (1, K)
+    if num_real is not None and num_real < n:
+        sees_cache = sees_cache & (torch.arange(n, device=device) < num_real)[:, None]
+    allowed = allowed | sees_cache
+    zero = torch.zeros((), dtype=dtype, device=device)
+    neg = torch.tensor(torch.finfo(dtype).min, dtype=dtype, device=device)
+    if out is None:
+        return torch.where(allowed, zero, neg)[None, None]
+    torch.where(allowed[None, None], zero, neg, out=out)
+    return out
 
 
 def sliding_window_mask(mask: torch.Tensor, depths: torch.Tensor, past_len: int, window: int) -> torch.Tensor:
@@ -152,13 +164,16 @@ def sliding_window_mask(mask: torch.Tensor, depths: torch.Tensor, past_len: int,
 
 
 def tree_attention_masks(config, visibility: torch.Tensor, depths: torch.Tensor, past_len: int, kv_len: int,
-                         dtype: torch.dtype, device: torch.device):
-    """The `attention_mask=` of a tree forward: the (1, 1, n, kv_len) ancestor mask when every
+                         dtype: torch.dtype, device: torch.device, *, num_real: int | None = None,
+                         out: torch.Tensor | None = None):
+    """The `attention_mask=` of a tree forward: the (1, 1, N, kv_len) ancestor mask when every
     layer has the same window, else {layer type: its mask} (what hybrid models like Gemma 2/3 take).
 
-    visibility: (n, n) bool, node i sees node j; depths: (n,) depth of each node (root = 0).
+    visibility: (N, N) bool, node i sees node j; depths: (N,) depth of each node (root = 0).
+    num_real / out: as in `tree_attention_mask` (padding rows; a preallocated buffer for the
+    full-attention mask).
     """
-    mask = tree_attention_mask(visibility, past_len, kv_len, dtype, device)
+    mask = tree_attention_mask(visibility, past_len, kv_len, dtype, device, num_real=num_real, out=out)
     windows = attention_windows(text_config(config))
     masks = {kind: mask if w is None else sliding_window_mask(mask, depths, past_len, w) for kind, w in windows.items()}
     if len(set(windows.values())) == 1:

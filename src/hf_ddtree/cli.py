@@ -34,13 +34,13 @@ def demo_main(argv=None) -> int:
 
     import hf_ddtree
     from hf_ddtree.models import load_default_pair
-    from hf_ddtree.training.responses import chat_ids
+    from hf_ddtree.data import to_chat_ids
 
     budget = args.tree_budget if args.tree_budget == "auto" else int(args.tree_budget)
     print("loading the embedded SmolLM2-135M target and its DFlash drafter (no network) ...", flush=True)
     target, tokenizer, drafter = load_default_pair(dtype=_dtype(args.dtype))
     hf_ddtree.enable(target)
-    ids = torch.tensor([chat_ids(tokenizer, args.prompt)])
+    ids = to_chat_ids(tokenizer, args.prompt, raw_fallback=True)
     common = dict(do_sample=False, max_new_tokens=args.max_new_tokens)
 
     # warm-up both paths (first calls pay allocation and kernel selection)

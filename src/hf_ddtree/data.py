@@ -159,9 +159,15 @@ def load_prompts(name: str, split: str = "test", limit: int | None = None) -> li
     return [Prompt(pid, name, format_prompt(name, text)) for pid, text in raw]
 
 
-def to_chat_ids(tokenizer, text: str):
-    """Apply the chat template to one user message (with the generation prompt): a (1, T) LongTensor."""
+def to_chat_ids(tokenizer, text: str, *, raw_fallback: bool = False):
+    """Apply the chat template to one user message (with the generation prompt): a (1, T) LongTensor.
+
+    A tokenizer without a chat template (a base model) is a ValueError, or with `raw_fallback=True`
+    the raw text's ids. The one chat-template helper of the package (bench, training, demo).
+    """
     if not getattr(tokenizer, "chat_template", None):
+        if raw_fallback:
+            return tokenizer(text, return_tensors="pt").input_ids.reshape(1, -1)
         raise ValueError(
             f"{type(tokenizer).__name__} has no chat template (a base model?): tokenize the raw text instead, "
             "e.g. tokenizer(text, return_tensors='pt').input_ids."

@@ -11,8 +11,8 @@ rank 0 of the TP group (the *leader*) makes every data-dependent decision and br
 
   * the draft tree: every rank runs the drafter (a full replica on every rank; its embedding and
     lm_head are the target's, which may themselves be collectives), but the tree that gets
-    verified is the leader's, broadcast each round (`leader_tree`). That also makes the CaDDTree
-    budget one decision: the leader's policy truncates the tree before the broadcast.
+    verified is the leader's, broadcast each round (`leader_tree`, called by the loop after the budget
+    policy cut the tree). That also makes the CaDDTree budget one decision: the leader's cut is the one broadcast.
   * every target choice (the first token after the prompt, the accept walk and its bonus token):
     only the leader evaluates it (argmax, or a sample from its own global torch RNG) and
     broadcasts the tokens (`leader_token`, `leader_walk`). The other ranks never draw from their
@@ -41,7 +41,8 @@ from typing import Any, Callable
 
 import torch
 
-from . import budget
+from . import calibrate as _cal
+from .budget import CaDDTreePolicy, LatencyModel
 from .compat import tensor_parallel_process_group, tensor_parallel_size, tp_style_shards_output
 from .tree import Tree, _make_tree
 
@@ -221,25 +222,6 @@ def leader_tree(tp: TPGroup | None, tree: Tree) -> Tree:
     return _make_tree(ints[0][0], ints[0][1:], ints[1][1:], ints[2][1:], buf[3, 1:].tolist())
 
 
-class LeaderProposer:
-    """Wraps a proposer: every rank drafts (the drafter may call the target's sharded embedding and
-    lm_head), every rank verifies the leader's tree."""
-
-    def __init__(self, proposer, tp: TPGroup):
-        self.inner, self.tp = proposer, tp
-
-    def propose(self, root_token: int, context: torch.Tensor, past: int, depth_limit: int) -> Tree:
-        return leader_tree(self.tp, self.inner.propose(root_token, context, past, depth_limit))
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
-
-
-def leader_proposer(proposer, tp: TPGroup | None):
-    """`proposer` itself for an ordinary target; a LeaderProposer for a tensor-parallel one."""
-    return proposer if tp is None else LeaderProposer(proposer, tp)
-
-
 def _broadcast_object(tp: TPGroup, obj):
     import torch.distributed as dist
 
@@ -252,50 +234,53 @@ def _broadcast_object(tp: TPGroup, obj):
 # CaDDTree: one latency model, calibrated together, decided on the leader
 # ------------------------------------------------------------------------------------------------
 
-_MEMO: dict[str, budget.LatencyModel] = {}
+_MEMO: dict[str, LatencyModel] = {}
 
 
-def calibrate(target, drafter=None, max_nodes: int = 256, *, past_len: int = budget.DEFAULT_PAST_LEN,
-              ns=None, reps: int = 5, warmup: int = 1, cache_implementation: str = "static",
-              use_cache: bool = True, progress: bool | None = None) -> budget.LatencyModel:
-    """`budget.calibrate` for any target. On a tensor-parallel one: the leader alone decides whether a
+def calibrate(target, drafter=None, max_nodes: int = _cal.DEFAULT_MAX_TREE_BUDGET, *,
+              past_len: int = _cal.DEFAULT_PAST_LEN, ns=None, reps: int = 5, warmup: int = 1,
+              cache_implementation: str = "static", use_cache: bool = True, progress: bool | None = None,
+              method: str = "auto", drafter2=None) -> LatencyModel:
+    """`calibrate.calibrate` for any target. On a tensor-parallel one: the leader alone decides whether a
     cached calibration exists (its disk cache, keyed with the TP degree); if not, every rank runs the
     timed forwards together and the leader's fit is used (and broadcast) everywhere."""
     tp = tensor_parallel_group(target)
     if tp is None:
-        return budget.calibrate(target, drafter, max_nodes, past_len=past_len, ns=ns, reps=reps, warmup=warmup,
-                                cache_implementation=cache_implementation, use_cache=use_cache, progress=progress)
+        return _cal.calibrate(target, drafter, max_nodes, past_len=past_len, ns=ns, reps=reps, warmup=warmup,
+                              cache_implementation=cache_implementation, use_cache=use_cache, progress=progress,
+                              method=method, drafter2=drafter2)
     if max_nodes < 0:
         raise ValueError(f"max_nodes must be >= 0, got {max_nodes}.")
-    key = budget.calibration_key(target, drafter, max_nodes, past_len, cache_implementation)
+    key = _cal.calibration_key(target, drafter, max_nodes, past_len, cache_implementation, method, drafter2)
     key["tensor_parallel"] = tp.size
-    tag = json.dumps(key, sort_keys=True) + str(budget.cache_dir())
+    tag = json.dumps(key, sort_keys=True) + str(_cal.cache_dir())
     model = None
     if tp.is_leader and use_cache:
-        model = _MEMO.get(tag) or budget.load_cached(key)
+        model = _MEMO.get(tag) or _cal.load_cached(key)
     if _broadcast_object(tp, model is None):  # the leader has none: calibrate together
-        m = budget.measure_latency(target, drafter, max_nodes, ns=ns, past_len=past_len, reps=reps, warmup=warmup,
-                                   cache_implementation=cache_implementation,
-                                   progress=progress if tp.is_leader else False)
+        m = _cal.measure_latency(target, drafter, max_nodes, ns=ns, past_len=past_len, reps=reps, warmup=warmup,
+                                 cache_implementation=cache_implementation,
+                                 progress=progress if tp.is_leader else False, method=method, drafter2=drafter2)
         if tp.is_leader:
-            model = budget.LatencyModel.from_points(m["ns"], m["times"], m["t_draft"], calibration_s=m["seconds"],
-                                                    reps=reps, warmup=warmup, tensor_parallel=tp.size)
-            budget.save_cached(key, model)
+            model = LatencyModel.from_points(m["ns"], m["times"], m["t_draft"], calibration_s=m["seconds"],
+                                             reps=reps, warmup=warmup, tensor_parallel=tp.size)
+            _cal.save_cached(key, model)
     blob = _broadcast_object(tp, model.to_dict() if tp.is_leader else None)
     if not tp.is_leader:
-        model = budget.LatencyModel.from_dict(blob)
+        model = LatencyModel.from_dict(blob)
     _MEMO[tag] = model
     return model
 
 
-def caddtree_policy(target, drafter, max_nodes: int = 256, latency: budget.LatencyModel | None = None,
-                    online: bool = False, calibrate_acceptance: bool = True, **calibrate_kwargs):
-    """`budget.caddtree_policy` for any target (calibration through `calibrate` above). On a tensor-parallel
+def caddtree_policy(target, drafter, max_nodes: int = _cal.DEFAULT_MAX_TREE_BUDGET,
+                    latency: LatencyModel | None = None, online: bool = False, calibrate_acceptance: bool = True,
+                    **calibrate_kwargs) -> CaDDTreePolicy:
+    """`calibrate.caddtree_policy` for any target (calibration through `calibrate` above). On a tensor-parallel
     target every rank gets the same latency model; the budget actually used each round is the leader's
     (its truncated tree is the one `leader_tree` broadcasts)."""
     if not is_tensor_parallel(target):
-        return budget.caddtree_policy(target, drafter, max_nodes, latency=latency, online=online,
-                                      calibrate_acceptance=calibrate_acceptance, **calibrate_kwargs)
+        return _cal.caddtree_policy(target, drafter, max_nodes, latency=latency, online=online,
+                                    calibrate_acceptance=calibrate_acceptance, **calibrate_kwargs)
     if latency is None:
         latency = calibrate(target, drafter, max_nodes, **calibrate_kwargs)
-    return budget.CaDDTreePolicy(latency, max_nodes, online=online, calibrate_acceptance=calibrate_acceptance)
+    return CaDDTreePolicy(latency, max_nodes, online=online, calibrate_acceptance=calibrate_acceptance)

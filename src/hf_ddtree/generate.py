@@ -17,26 +17,31 @@ from typing import Any, Callable
 
 import torch
 from transformers import GenerationMixin
+from transformers.cache_utils import StaticCache
 from transformers.generation.stopping_criteria import StopStringCriteria, StoppingCriteriaList
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
-from .cache import compact, make_cache
+from .cache import compact, make_cache, mask_width
 from .compat import CACHE_FIELD, cache_from_kwargs, cache_kwargs, gather_features, hidden_states_request
-from .distributed import check_tensor_parallel, leader_proposer, leader_token, leader_walk
+from .distributed import check_tensor_parallel, leader_tree, leader_token, leader_walk
 from .drafter import DrafterSpec, is_dflash_drafter, validate_pair
-from .propose import make_proposer
+from .propose import (D2SD_ALTERNATIVES, D2SD_BOUNDARIES, D2SD_MAX_BRANCHES, D2SD_METHODS, DEFAULT_MAX_TREE_BUDGET,
+                      DEFAULT_TREE_BUDGET, MAX_TREE_BUDGET, METHODS, Round, make_proposer)
 from .tree import Tree, build_chain
-from .verify import process_scores, run_tree, walk
-
-MAX_TREE_BUDGET = 4096
-DEFAULT_MAX_TREE_BUDGET = 256  # the CaDDTree cap unless max_tree_budget (or method="auto", tree_budget=N) sets one
-METHODS = ("ddtree", "dflash", "auto", "d2sd", "d2sd-tree")
-D2SD_METHODS = ("d2sd", "d2sd-tree")
+from .verify import choose, verify_tree, walk
 
 
 @dataclass
 class DecodeStats:
-    """Per-call statistics. acceptance_lengths[i] = tokens committed by round i (accepted + bonus)."""
+    """Per-call statistics. acceptance_lengths[i] = tokens committed by round i (accepted + bonus);
+    tree_sizes[i] = drafted nodes verified by round i (padding excluded).
+
+    The *_s fields are wall seconds summed over the call, booked by the loop only and only with
+    `generate(..., collect_timing=True)` (they stay 0.0 otherwise; on CUDA each lap synchronizes):
+    prefill_s (prompt forward + first token), draft_s (`proposer.draft`: the drafter forwards),
+    tree_s (`proposer.build` + the budget policy + padding), verify_s (target forward, processors,
+    accept walk, observe hooks), commit_s (KV compaction, appending tokens, stopping criteria, streamer).
+    """
 
     acceptance_lengths: list[int] = field(default_factory=list)
     tree_sizes: list[int] = field(default_factory=list)
@@ -128,12 +133,6 @@ def _check_inputs(model, input_ids: torch.Tensor, generation_config, model_kwarg
         raise ValueError("hf_ddtree builds its own KV cache: do not pass a pre-filled past_key_values.")
 
 
-def _pick(scores_row: torch.Tensor, do_sample: bool) -> int:
-    if do_sample:
-        return int(torch.multinomial(torch.softmax(scores_row, dim=-1), 1))
-    return int(torch.argmax(scores_row))
-
-
 def _resolve_budget(method: str, tree_budget, block_size: int) -> int:
     """Largest number of tree nodes a round may verify (sizes the cache)."""
     return block_size - 1 if method == "dflash" else int(tree_budget)
@@ -150,21 +149,28 @@ def speculative_decoding(
     streamer=None,
     drafter=None,
     method: str = "ddtree",
-    tree_budget: int = 64,
+    tree_budget: int = DEFAULT_TREE_BUDGET,
     budget_policy: Callable[[Tree], int] | None = None,
     collect_timing: bool = False,
     drafter2=None,
-    d2sd_boundaries: int = 4,
-    d2sd_alternatives: int = 1,
+    d2sd_boundaries: int = D2SD_BOUNDARIES,
+    d2sd_alternatives: int = D2SD_ALTERNATIVES,
+    pad_tree: bool = False,
     **model_kwargs,
 ):
     """The hf_ddtree loop, with the signature generate() uses for a callable `custom_generate`.
 
     method: "ddtree" (best-first tree of `tree_budget` nodes), "dflash" (the drafter's single
-    greedy chain), "auto" (CaDDTree: `budget_policy(tree)` picks how many of the tree's nodes, in
-    pop order, to verify this round; `tree_budget` is the cap), "d2sd" / "d2sd-tree" (D^2SD with
-    the variable-prefix `drafter2`: drafter 1's chain / DDTree heap plus re-anchored branches at the
-    `d2sd_boundaries` likeliest rejection depths, `d2sd_alternatives` alternatives each).
+    greedy chain), "auto" (CaDDTree, best-first tree of `tree_budget` nodes cut by the policy),
+    "d2sd" / "d2sd-tree" (D^2SD with the variable-prefix `drafter2`: drafter 1's chain / DDTree heap
+    plus re-anchored branches at the `d2sd_boundaries` likeliest rejection depths,
+    `d2sd_alternatives` alternatives each).
+    budget_policy: `policy(tree) -> n` (e.g. `budget.CaDDTreePolicy`), applied by the loop to the
+    tree of ANY method: only its first n nodes (pop order) are verified. It must also have
+    `observe(accepted: list[int])`, called once per round like the proposer's.
+    collect_timing: fill the DecodeStats *_s fields (returned as `.stats` with return_dict_in_generate).
+    pad_tree: pad every tree to `tree_budget` + 1 rows (fixed verify shape, e.g. for a compiled forward;
+    eager gains nothing from it).
     """
     _check_inputs(model, input_ids, generation_config, model_kwargs)
     spec: DrafterSpec = validate_pair(model, drafter)
@@ -240,46 +246,58 @@ def speculative_decoding(
         output_hidden_states=hidden_states_request(hidden_idx),
         logits_to_keep=1,
     )
-    context = gather_features(out, hidden_idx)[0]  # (P, F) pending drafter context
+    context = gather_features(out, hidden_idx)  # (B, P, F) pending drafter context
     raw = out.logits[0, -1:].float()  # (1, V)
     scores = logits_processor(input_ids, raw.clone()) if logits_processor else raw
-    ids, done = commit(input_ids, [leader_token(tp, lambda: _pick(scores[0], do_sample))], [0], scores, raw)
+    ids, done = commit(input_ids, [leader_token(tp, lambda: choose(scores[0], do_sample))], [0], scores, raw)
     clock.lap("prefill_s")
 
-    proposer = leader_proposer(make_proposer(model, drafter, spec, method, max_nodes, budget_policy, clock.lap,
-                             drafter2=drafter2, spec2=spec2, boundaries=d2sd_boundaries,
-                             alternatives=d2sd_alternatives), tp)
+    proposer = make_proposer(model, drafter, spec, method, max_nodes, drafter2=drafter2, spec2=spec2,
+                             boundaries=d2sd_boundaries, alternatives=d2sd_alternatives)
+    observers = [proposer] if budget_policy is None else [proposer, budget_policy]
+    # the accept walk; on a tensor-parallel target the leader walks and every rank takes its path
+    accept = walk if tp is None else (lambda t, sc, smp: leader_walk(tp, lambda: walk(t, sc, smp), max_nodes))
+    rows = ids.shape[0]  # B (= 1: _check_inputs)
+    mask_out = None  # with padding and a static cache every verify has one shape: reuse one mask buffer
+    if pad_tree and isinstance(cache, StaticCache):
+        kv_len = mask_width(cache, 0, max_nodes + 1)
+        mask_out = torch.empty(1, 1, max_nodes + 1, kv_len, dtype=model.dtype, device=device)
 
-    observe_acceptance = getattr(budget_policy, "observe_acceptance", None)
     while not done:
         L = ids.shape[1]
-        past = offset + L - 1  # cache positions; the root (last token) is not in the target cache yet
+        past = torch.full((rows,), offset + L - 1, dtype=torch.long)  # (B,) cache positions; the roots are not cached yet
         remaining = max_length - L  # new tokens still allowed after the root
-        depth_limit = min(spec.block_size - 1, remaining - 1)
-        root = int(ids[0, -1])
+        rnd = Round(ids, context, past, depth_limit=min(spec.block_size - 1, remaining - 1))
 
-        # ---- draft + tree: one drafter forward, best-first heap (or chain) -> Tree (n+1 nodes) ----
-        if depth_limit <= 0:
-            tree = build_chain(root, ids.new_empty(0))  # last token: verify the root alone
+        # ---- draft + tree: the proposer's drafter forward(s), then its tree, cut by the policy ------
+        if rnd.depth_limit <= 0 or max_nodes == 0:
+            tree = build_chain(int(rnd.roots[0]), ids.new_empty(0))  # verify the root alone, no draft
         else:
-            tree = proposer.propose(root, context, past, depth_limit)  # books draft_s and tree_s
+            drafted = proposer.draft(rnd)
+            clock.lap("draft_s")
+            tree = proposer.build(rnd, drafted)
+            if budget_policy is not None:
+                tree = tree.truncate(budget_policy(tree))  # CaDDTree: the first n nodes, pop order
+            tree = leader_tree(tp, tree)  # tensor parallel: every rank verifies the leader's tree
+        if pad_tree:
+            tree = tree.pad_to(max_nodes + 1)
         clock.lap("tree_s")
 
-        # ---- verify: one target forward over root + nodes, ancestor-only mask ------------------
-        raw, feats = run_tree(model, tree, cache, past, hidden_idx)  # (n+1, V), (n+1, F)
-        scores = process_scores(logits_processor, ids, tree, raw)
-        path, nxt = leader_walk(tp, lambda: walk(tree, scores, do_sample), max_nodes)
-        if observe_acceptance is not None:
-            observe_acceptance(len(path) - 1)  # CaDDTree calibrates its acceptance estimate
+        # ---- verify: one target forward over the tree rows, ancestor-only mask, accept walk ---------
+        p0 = int(past[0])  # B = 1
+        v = verify_tree(model, tree, cache, p0, hidden_idx, logits_processor, ids, do_sample, mask_out, accept=accept)
+        accepted = [len(v.path) - 1]  # (B,) accepted draft tokens
+        for observer in observers:
+            observer.observe(accepted)  # CaDDTree calibrates its acceptance estimate
         clock.lap("verify_s")
 
-        # ---- accept: keep the path's K/V, append its tokens and the target's next token --------
-        keep = torch.tensor(path, dtype=torch.long, device=device)
-        compact(cache, past, keep)
-        context = feats[keep]  # (k+1, F) features of the root and accepted nodes
-        new_tokens = tree.tokens[path[1:]].tolist() + [nxt]
+        # ---- accept: keep the path's K/V, append its tokens and the target's next token ------------
+        keep = torch.tensor(v.path, dtype=torch.long, device=device)
+        compact(cache, p0, keep)
+        context = v.features[keep][None]  # (B, k+1, F) features of the root and accepted nodes
+        new_tokens = tree.tokens[v.path[1:]].tolist() + [v.next_token]
         before = ids.shape[1]
-        ids, done = commit(ids, new_tokens, path, scores, raw)
+        ids, done = commit(ids, new_tokens, v.path, v.scores, v.raw)
         stats.acceptance_lengths.append(ids.shape[1] - before)  # committed only: a stop (EOS) mid-path drops the rest
         stats.tree_sizes.append(tree.num_nodes)
         clock.lap("commit_s")
@@ -346,12 +364,12 @@ def _resolve_method(method: str | None, tree_budget, max_tree_budget=None) -> tu
     if method == "dflash":
         return method, None
     if tree_budget is None:
-        tree_budget = 64
+        tree_budget = DEFAULT_TREE_BUDGET
     if isinstance(tree_budget, bool) or not isinstance(tree_budget, numbers.Integral):
         raise ValueError(f"tree_budget must be an int in [0, {MAX_TREE_BUDGET}] or 'auto', got {tree_budget!r}.")
     tree_budget = int(tree_budget)
     if not 0 <= tree_budget <= MAX_TREE_BUDGET:
-        raise ValueError(f"tree_budget={tree_budget} is out of range: use 0 <= tree_budget <= {MAX_TREE_BUDGET} (64 is a good default).")
+        raise ValueError(f"tree_budget={tree_budget} is out of range: use 0 <= tree_budget <= {MAX_TREE_BUDGET} ({DEFAULT_TREE_BUDGET} is a good default).")
     return method, tree_budget
 
 
@@ -394,7 +412,7 @@ def _ddtree_generate(self, inputs=None, generation_config=None, *args, assistant
     method, budget = _resolve_method(method, tree_budget, max_tree_budget)
     policy = None
     if method == "auto":
-        from .distributed import caddtree_policy  # budget.caddtree_policy, one decision on tensor-parallel targets
+        from .distributed import caddtree_policy  # calibrate.caddtree_policy; one decision on tensor-parallel targets
 
         policy = caddtree_policy(self, assistant_model, max_nodes=budget)
 
@@ -403,17 +421,20 @@ def _ddtree_generate(self, inputs=None, generation_config=None, *args, assistant
 
 
 def _d2sd_generate(self, inputs, generation_config, *args, drafters, tree_budget, method, collect_timing,
-                   max_tree_budget=None, d2sd_boundaries: int = 4, d2sd_alternatives: int = 1, **kwargs):
+                   max_tree_budget=None, d2sd_boundaries: int = D2SD_BOUNDARIES,
+                   d2sd_alternatives: int = D2SD_ALTERNATIVES, **kwargs):
     if len(drafters) != 2 or not all(is_dflash_drafter(d) for d in drafters):
         raise ValueError("D2SD takes assistant_model=(drafter, variable_prefix_drafter): two DFlash drafters.")
     method = method or "d2sd"
     if method not in D2SD_METHODS:
         raise ValueError(f"two drafters run D2SD: method must be one of {D2SD_METHODS}, got {method!r}.")
     if _is_auto(tree_budget):
-        raise ValueError("tree_budget='auto' (CaDDTree) takes one drafter; D2SD needs an int tree_budget (e.g. 64).")
+        raise ValueError("tree_budget='auto' (CaDDTree) is not wired to D2SD in generate() yet (the loop can apply "
+                         "a budget policy to D2SD trees, but its calibration needs both drafters): pass an int "
+                         f"tree_budget (e.g. {DEFAULT_TREE_BUDGET}).")
     _, budget = _resolve_method(method, tree_budget, max_tree_budget)
-    d2sd_boundaries = _as_int("d2sd_boundaries", d2sd_boundaries, 1, 64)
-    d2sd_alternatives = _as_int("d2sd_alternatives", d2sd_alternatives, 1, 64)
+    d2sd_boundaries = _as_int("d2sd_boundaries", d2sd_boundaries, 1, D2SD_MAX_BRANCHES)
+    d2sd_alternatives = _as_int("d2sd_alternatives", d2sd_alternatives, 1, D2SD_MAX_BRANCHES)
     return _run(self, inputs, generation_config, args, kwargs, drafter=drafters[0], drafter2=drafters[1],
                 method=method, tree_budget=budget, collect_timing=collect_timing,
                 d2sd_boundaries=d2sd_boundaries, d2sd_alternatives=d2sd_alternatives)
@@ -467,6 +488,11 @@ def disable(model):
         del model.generate
     model.__dict__.pop("_hf_ddtree_enabled", None)
     return model
+
+
+def is_enabled(model) -> bool:
+    """Whether `enable(model)` is in effect on this instance."""
+    return bool(getattr(model, "_hf_ddtree_enabled", False))
 
 
 def generate(model, input_ids, drafter, **kwargs):

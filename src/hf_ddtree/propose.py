@@ -1,32 +1,85 @@
 """Proposers: turn the drafter(s) into a draft tree for one round.
 
-The decoding loop depends only on this small interface (like transformers'
-`CandidateGenerator`):
+The decoding loop depends only on this small interface (like transformers' `CandidateGenerator`):
 
-    proposer.propose(root_token, context, past, depth_limit) -> Tree
+    drafted = proposer.draft(round)          the drafters' forwards (the loop times it as draft_s)
+    tree = proposer.build(round, drafted)    the tree from them (timed as tree_s, with the budget policy)
+    proposer.observe(accepted)               after verification: accepted draft tokens per row
+    proposer.propose(round) == proposer.build(round, proposer.draft(round))
 
-    root_token  the last committed token (not yet in the target cache), at position `past`
-    context     (C, F) target features of the committed tokens the drafter has not seen yet
-                (positions past - C .. past - 1)
-    depth_limit deepest node allowed this round (block_size - 1, or fewer near max_length)
+`Round` carries what any proposer needs (a drafter, or a lookup over the committed text): the
+committed ids, the roots, the target features the drafter has not seen yet, the past lengths and
+the depth limit, each with a leading row dimension B (B = 1 until batching lands). The loop, not
+the proposer, applies the budget policy (CaDDTree) to whatever tree comes back, pads it when asked
+and books all time. A proposer owns its drafters' caches of projected context K/V.
 
-A proposer owns its drafters' caches of projected context K/V.
+The method names and their defaults live here too, so generate(), bench and budget share them.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from transformers.cache_utils import DynamicCache
 
 from .compat import cache_kwargs
-from .drafter import DrafterSpec
+from .drafter import DrafterSpec, validate_d2sd_pair
 from .tree import Tree, build_chain, build_tree, merge_paths, topk_per_position, tree_paths
 
+METHODS = ("ddtree", "dflash", "auto", "d2sd", "d2sd-tree")
+D2SD_METHODS = ("d2sd", "d2sd-tree")
+MAX_TREE_BUDGET = 4096  # the largest tree_budget / max_tree_budget accepted
+DEFAULT_TREE_BUDGET = 64  # tree_budget when a tree method is asked for without one
+DEFAULT_MAX_TREE_BUDGET = 256  # CaDDTree's cap (max_tree_budget)
+D2SD_BOUNDARIES = 4  # rejection depths drafter 2 re-anchors at
+D2SD_ALTERNATIVES = 1  # alternative tokens per boundary
+D2SD_MAX_BRANCHES = 64  # the largest d2sd_boundaries / d2sd_alternatives accepted
 
-def _no_lap(name: str) -> None:
-    return None
+
+@dataclass
+class Round:
+    """What a proposer sees of one round. B rows (B = 1 for now).
+
+    ids          (B, L) long: committed ids; ids[:, -1] are the roots, not yet in the target cache
+    context      (B, C, F): target features of committed tokens the drafter has not seen yet
+                 (positions past - C .. past - 1), F = len(target_layer_ids) * hidden_size
+    past         (B,) long: target-cache entries per row (= L - 1: the root sits at position past)
+    depth_limit  deepest node allowed this round (block_size - 1, or fewer near max_length)
+    """
+
+    ids: torch.Tensor
+    context: torch.Tensor
+    past: torch.Tensor
+    depth_limit: int
+
+    @property
+    def roots(self) -> torch.Tensor:
+        """(B,) long: the last committed token of each row."""
+        return self.ids[:, -1]
+
+    def single(self) -> tuple[int, torch.Tensor, int]:
+        """(root, context (1, C, F), past) of the only row; ValueError for B > 1 (not implemented)."""
+        if self.ids.shape[0] != 1:
+            raise ValueError(f"proposers draft one row at a time, got {self.ids.shape[0]} rows.")
+        return int(self.ids[0, -1]), self.context, int(self.past[0])
+
+
+class Proposer:
+    """The interface (see the module docstring); `observe` does nothing unless a proposer learns."""
+
+    def draft(self, round: Round) -> Any:
+        raise NotImplementedError
+
+    def build(self, round: Round, drafted: Any) -> Tree:
+        raise NotImplementedError
+
+    def propose(self, round: Round) -> Tree:
+        return self.build(round, self.draft(round))
+
+    def observe(self, accepted: list[int]) -> None:
+        """Accepted draft tokens of the last round, one entry per row."""
 
 
 class DrafterState:
@@ -40,15 +93,15 @@ class DrafterState:
         self.dtype = next(drafter.parameters()).dtype
 
     def draft(self, blocks: torch.Tensor, context: torch.Tensor, past: int) -> torch.Tensor:
-        """blocks: (K, bs) token ids, each starting at position `past`; context: (C, F) for positions
-        [seen, past). Returns log-probs (K, bs - 1, V): row k, j predicts the token at past + j + 1."""
+        """blocks: (K, bs) token ids of one row, each starting at position `past`; context: (1, C, F)
+        for positions [seen, past). Returns log-probs (K, bs - 1, V): [k, j] predicts position past + j + 1."""
         k, bs = blocks.shape
         ctx_pos = torch.arange(self.seen, past, device=self.device)
         blk_pos = torch.arange(past, past + bs, device=self.device).repeat(k)
         pos = torch.cat([ctx_pos, blk_pos])[None]  # (1, C + K*bs)
         mask = None
         if k > 1:  # each block sees the whole context and only itself
-            width = self.seen + context.shape[0] + k * bs  # cached context + new context + blocks
+            width = self.seen + context.shape[1] + k * bs  # cached context + new context + blocks
             mask = torch.full((1, 1, k * bs, width), torch.finfo(self.dtype).min, dtype=self.dtype, device=self.device)
             mask[..., : width - k * bs] = 0
             for b in range(k):
@@ -59,7 +112,7 @@ class DrafterState:
             position_ids=pos,
             attention_mask=mask,
             noise_embedding=noise,
-            target_hidden=context[None].to(self.device),  # (1, C, F)
+            target_hidden=context.to(self.device),  # (1, C, F)
             **cache_kwargs(self.drafter, self.cache),
             use_cache=True,
             is_causal=False,
@@ -71,32 +124,27 @@ class DrafterState:
         return torch.log_softmax(logits.float(), dim=-1)
 
 
-class DFlashProposer:
-    """DDTree (`method="ddtree"`/`"auto"`) or the DFlash chain (`method="dflash"`) from one drafter."""
+class DFlashProposer(Proposer):
+    """DDTree (`method="ddtree"`/`"auto"`: the best-first tree of `max_nodes` nodes) or the DFlash
+    chain (`method="dflash"`) from one drafter."""
 
-    def __init__(self, state: DrafterState, method: str, max_nodes: int,
-                 budget_policy: Callable[[Tree], int] | None = None, lap: Callable[[str], None] = _no_lap):
-        self.state, self.method, self.max_nodes, self.policy, self.lap = state, method, max_nodes, budget_policy, lap
-        bs = state.spec.block_size
-        self.block = torch.full((1, bs), state.spec.mask_token_id, dtype=torch.long)
+    def __init__(self, state: DrafterState, method: str, max_nodes: int):
+        self.state, self.method, self.max_nodes = state, method, max_nodes
+        self.block = torch.full((1, state.spec.block_size), state.spec.mask_token_id, dtype=torch.long)
 
-    def propose(self, root_token: int, context: torch.Tensor, past: int, depth_limit: int) -> Tree:
-        if self.max_nodes == 0:  # budget 0: the root alone, nothing to draft (the drafter is never consulted)
-            return build_chain(root_token, torch.empty(0, dtype=torch.long))
-        self.block[0, 0] = root_token
-        logprobs = self.state.draft(self.block, context, past)[0, :depth_limit]  # (D, V)
-        self.lap("draft_s")
+    def draft(self, round: Round) -> torch.Tensor:
+        """(D, V) log-probs, D = round.depth_limit: row d predicts depth d + 1."""
+        root, context, past = round.single()
+        self.block[0, 0] = root
+        return self.state.draft(self.block, context, past)[0, :round.depth_limit]
+
+    def build(self, round: Round, logprobs: torch.Tensor) -> Tree:
+        root = int(round.roots[0])
         if self.method == "dflash":
             best = logprobs.max(-1)
-            tree = build_chain(root_token, best.indices.cpu(), best.values.cpu())
-            self.lap("tree_s")
-            return tree
+            return build_chain(root, best.indices.cpu(), best.values.cpu())
         top_lp, top_ids = topk_per_position(logprobs, self.max_nodes)
-        tree = build_tree(root_token, top_lp.cpu(), top_ids.cpu(), self.max_nodes)
-        if self.policy is not None:
-            tree = tree.truncate(self.policy(tree))
-        self.lap("tree_s")
-        return tree
+        return build_tree(root, top_lp.cpu(), top_ids.cpu(), self.max_nodes)
 
 
 def rejection_boundaries(chain_logprobs: torch.Tensor, k: int) -> torch.Tensor:
@@ -112,7 +160,20 @@ def rejection_boundaries(chain_logprobs: torch.Tensor, k: int) -> torch.Tensor:
     return torch.topk(p_first, min(k, q.numel())).indices
 
 
-class D2SDProposer:
+@dataclass
+class D2SDDraft:
+    """What D2SD's two drafter forwards give `D2SDProposer.build`."""
+
+    lp1: torch.Tensor  # (D, V) drafter 1's log-probs
+    chain_lp: torch.Tensor  # (D,) drafter 1's chain (argmax) log-probs
+    chain_ids: torch.Tensor  # (D,) the chain tokens
+    alt_lp: torch.Tensor  # (K, A) the alternatives' log-probs at each boundary
+    alt_ids: torch.Tensor  # (K, A) the alternative tokens
+    branches: list[tuple[int, int, int]]  # row b of lp2 = (boundary k, depth j, alternative a)
+    lp2: torch.Tensor  # (K*A, bs2 - 1, V) drafter 2's log-probs: [b, m] predicts depth m + 1
+
+
+class D2SDProposer(Proposer):
     """D^2SD: drafter 1 drafts a block; at the K likeliest rejection depths a second, variable-prefix
     drafter re-anchors on [chain prefix, alternative token] (all K*A blocks in ONE batched forward)
     and proposes fresh continuations; everything is merged into one prefix tree of <= max_nodes.
@@ -123,24 +184,16 @@ class D2SDProposer:
     """
 
     def __init__(self, state1: DrafterState, state2: DrafterState, method: str, max_nodes: int,
-                 boundaries: int = 4, alternatives: int = 1, lap: Callable[[str], None] = _no_lap):
-        if state1.spec.target_layer_ids != state2.spec.target_layer_ids:
-            raise ValueError(
-                f"D2SD drafters must read the same target layers: drafter 1 uses {list(state1.spec.target_layer_ids)}, "
-                f"drafter 2 uses {list(state2.spec.target_layer_ids)}. Train the variable-prefix drafter with the "
-                "same --target-layer-ids."
-            )
-        if state2.spec.block_size < state1.spec.block_size:
-            raise ValueError("D2SD: the variable-prefix drafter's block_size must be >= drafter 1's.")
-        self.s1, self.s2, self.method, self.max_nodes, self.lap = state1, state2, method, max_nodes, lap
+                 boundaries: int = D2SD_BOUNDARIES, alternatives: int = D2SD_ALTERNATIVES):
+        validate_d2sd_pair(state1.spec, state2.spec)
+        self.s1, self.s2, self.method, self.max_nodes = state1, state2, method, max_nodes
         self.boundaries, self.alternatives = boundaries, alternatives
         self.block1 = torch.full((1, state1.spec.block_size), state1.spec.mask_token_id, dtype=torch.long)
 
-    def propose(self, root_token: int, context: torch.Tensor, past: int, depth_limit: int) -> Tree:
-        if self.max_nodes == 0:  # budget 0: the root alone, nothing to draft
-            return build_chain(root_token, torch.empty(0, dtype=torch.long))
-        D, A = depth_limit, self.alternatives
-        self.block1[0, 0] = root_token
+    def draft(self, round: Round) -> D2SDDraft:
+        root, context, past = round.single()
+        D, A = round.depth_limit, self.alternatives
+        self.block1[0, 0] = root
         lp1 = self.s1.draft(self.block1, context, past)[0, :D]  # (D, V)
         chain_lp, chain_ids = lp1.max(-1)  # (D,), (D,)
         js = rejection_boundaries(chain_lp, self.boundaries)  # (K,) depth indices
@@ -149,40 +202,39 @@ class D2SDProposer:
 
         # drafter 2: one block per (boundary j, alternative): [root, chain[:j], alt, mask, ...]
         bs2 = self.s2.spec.block_size
-        cl = chain_ids.tolist()
         branches = [(k, j, a) for k, j in enumerate(js.tolist()) for a in range(A)]  # row b of drafter 2
         blocks = torch.full((len(branches), bs2), self.s2.spec.mask_token_id, dtype=torch.long)
-        blocks[:, 0] = root_token
+        blocks[:, 0] = root
         for b, (k, j, a) in enumerate(branches):
             blocks[b, 1:j + 1] = chain_ids[:j].cpu()
             blocks[b, j + 1] = alt_ids[k, a]
-        lp2 = self.s2.draft(blocks, context, past)  # (K*A, bs2-1, V): [b, m] predicts depth m + 1
-        self.lap("draft_s")
+        lp2 = self.s2.draft(blocks, context, past)  # (K*A, bs2-1, V)
+        return D2SDDraft(lp1, chain_lp, chain_ids, alt_lp, alt_ids, branches, lp2)
 
+    def build(self, round: Round, d: D2SDDraft) -> Tree:
+        root, D = int(round.roots[0]), round.depth_limit
+        cl = d.chain_ids.tolist()
         paths: list[tuple[list[int], list[float]]]
         if self.method == "d2sd-tree":
-            top_lp, top_ids = topk_per_position(lp1, self.max_nodes)
-            paths = tree_paths(build_tree(root_token, top_lp.cpu(), top_ids.cpu(), self.max_nodes))
+            top_lp, top_ids = topk_per_position(d.lp1, self.max_nodes)
+            paths = tree_paths(build_tree(root, top_lp.cpu(), top_ids.cpu(), self.max_nodes))
         else:
-            paths = [(cl, chain_lp.tolist())]
-        cont_lp, cont_ids = lp2[:, :D].max(-1)  # (K*A, D)
-        for b, (k, j, a) in enumerate(branches):
-            toks = cl[:j] + [int(alt_ids[k, a])] + cont_ids[b, j + 1:D].tolist()
-            lps = chain_lp[:j].tolist() + [float(alt_lp[k, a])] + cont_lp[b, j + 1:D].tolist()
+            paths = [(cl, d.chain_lp.tolist())]
+        cont_lp, cont_ids = d.lp2[:, :D].max(-1)  # (K*A, D)
+        for b, (k, j, a) in enumerate(d.branches):
+            toks = cl[:j] + [int(d.alt_ids[k, a])] + cont_ids[b, j + 1:D].tolist()
+            lps = d.chain_lp[:j].tolist() + [float(d.alt_lp[k, a])] + cont_lp[b, j + 1:D].tolist()
             paths.append((toks, lps))
-        tree = merge_paths(root_token, paths, self.max_nodes)
-        self.lap("tree_s")
-        return tree
+        return merge_paths(root, paths, self.max_nodes)
 
 
-def make_proposer(target, drafter, spec: DrafterSpec, method: str, max_nodes: int,
-                  budget_policy: Callable[[Tree], int] | None = None, lap: Callable[[str], None] = _no_lap,
-                  drafter2=None, spec2: DrafterSpec | None = None, boundaries: int = 4, alternatives: int = 1):
-    """The proposer for `method` ("ddtree", "dflash", "auto", "d2sd", "d2sd-tree").
-    `lap(name)` books time to a DecodeStats field."""
+def make_proposer(target, drafter, spec: DrafterSpec, method: str, max_nodes: int, *, drafter2=None,
+                  spec2: DrafterSpec | None = None, boundaries: int = D2SD_BOUNDARIES,
+                  alternatives: int = D2SD_ALTERNATIVES) -> Proposer:
+    """The proposer for `method` (one of METHODS); the drafters borrow the target's embeddings and head."""
     embed, head = target.get_input_embeddings(), target.get_output_embeddings()
     state = DrafterState(drafter, spec, embed, head)
-    if method in ("d2sd", "d2sd-tree"):
+    if method in D2SD_METHODS:
         return D2SDProposer(state, DrafterState(drafter2, spec2, embed, head), method, max_nodes,
-                            boundaries, alternatives, lap)
-    return DFlashProposer(state, method, max_nodes, budget_policy, lap)
+                            boundaries, alternatives)
+    return DFlashProposer(state, method, max_nodes)

@@ -2,7 +2,9 @@
 
 A tree has node 0 = the root (the last accepted token, not yet in the target's KV cache) and
 nodes 1..n in best-first pop order, so every parent comes before its children and any prefix
-`0..k` of the nodes is itself a valid (prefix-closed) tree.
+`0..k` of the nodes is itself a valid (prefix-closed) tree. `Tree.pad(m)` appends padding nodes up
+to a fixed node count (one verify shape per budget): they have no parent, so they see only
+themselves, are nobody's child (never walked) and never enter a kept path.
 
 The DDTree surrogate: a node at depth d reached by ranks (r_1, ..., r_d) scores
 sum_i logp_i[r_i], the log of the product of the drafter's per-position probabilities. The heap
@@ -18,29 +20,62 @@ from dataclasses import dataclass, field
 import torch
 
 
+def ancestor_matrix(parents: torch.Tensor, max_depth: int) -> torch.Tensor:
+    """(N, N) bool: [i, j] is True iff j is i or an ancestor of i, computed on `parents`' device.
+
+    parents: (N,) long, -1 for a node without a parent (the root, padding nodes). max_depth: the
+    deepest node's depth (bounds the pointer jumps). Vectorised over nodes: `max_depth` gathers.
+    """
+    n = parents.shape[0]
+    idx = torch.arange(n, device=parents.device)
+    up = torch.where(parents < 0, idx, parents)  # a parentless node points at itself
+    vis = torch.zeros(n, n, dtype=torch.bool, device=parents.device)
+    vis[idx, idx] = True
+    cur = idx
+    for _ in range(max_depth):
+        cur = up[cur]
+        vis[idx, cur] = True
+    return vis
+
+
 @dataclass
 class Tree:
-    tokens: torch.Tensor  # (n+1,) long: node token ids; tokens[0] = root
-    parents: torch.Tensor  # (n+1,) long: parents[0] = -1
-    depths: torch.Tensor  # (n+1,) long: depths[0] = 0
-    scores: list[float]  # (n+1,) surrogate log-probability of the path to each node; scores[0] = 0
-    children: list[dict[int, int]] = field(repr=False)  # children[i][token] = child node index
+    tokens: torch.Tensor  # (N,) long: node token ids; tokens[0] = root; N = n + 1 + pad
+    parents: torch.Tensor  # (N,) long: parents[0] = -1 (and -1 for padding nodes)
+    depths: torch.Tensor  # (N,) long: depths[0] = 0 (and 0 for padding nodes)
+    scores: list[float]  # (n+1,) surrogate log-probability of the path to each real node; scores[0] = 0
+    children: list[dict[int, int]] = field(repr=False)  # children[i][token] = child node index (real nodes)
+    pad: int = 0  # padding nodes at the end (never walked, see only themselves)
 
     @property
     def num_nodes(self) -> int:
-        """Number of drafted nodes, root excluded."""
+        """Number of drafted nodes, root and padding excluded."""
         return len(self.scores) - 1
 
-    def visibility(self) -> torch.Tensor:
-        """(n+1, n+1) bool: [i, j] is True iff j is i or an ancestor of i."""
-        n = len(self.scores)
-        vis = torch.zeros(n, n, dtype=torch.bool)
-        vis[0, 0] = True
-        parents = self.parents.tolist()
-        for i in range(1, n):
-            vis[i] = vis[parents[i]]
-            vis[i, i] = True
-        return vis
+    @property
+    def size(self) -> int:
+        """Rows the verify forward sees: root + drafted + padding nodes."""
+        return self.tokens.shape[0]
+
+    def visibility(self, device: torch.device | str | None = None) -> torch.Tensor:
+        """(N, N) bool on `device`: [i, j] is True iff j is i or an ancestor of i."""
+        max_depth = int(self.depths.max()) if self.depths.numel() else 0
+        return ancestor_matrix(self.parents.to(device), max_depth)
+
+    def pad_to(self, size: int) -> "Tree":
+        """This tree with padding nodes appended up to `size` rows (root included). A padding node
+        carries the root token at the root's position (depth 0), has no parent and no children."""
+        if self.pad:
+            raise ValueError("pad_to: the tree is already padded.")
+        extra = size - self.size
+        if extra < 0:
+            raise ValueError(f"pad_to({size}): the tree already has {self.size} rows.")
+        if extra == 0:
+            return self
+        return Tree(torch.cat([self.tokens, self.tokens[:1].expand(extra)]),
+                    torch.cat([self.parents, self.parents.new_full((extra,), -1)]),
+                    torch.cat([self.depths, self.depths.new_zeros(extra)]),
+                    self.scores, self.children, extra)
 
     def path_to(self, node: int) -> list[int]:
         """Node indices from the root to `node`, both included."""
@@ -52,6 +87,8 @@ class Tree:
 
     def truncate(self, num_nodes: int) -> "Tree":
         """The tree of the first `num_nodes` drafted nodes (still prefix-closed: parents come first)."""
+        if self.pad:
+            raise ValueError("truncate a tree before padding it.")
         k = num_nodes + 1
         children = [{t: c for t, c in ch.items() if c < k} for ch in self.children[:k]]
         return Tree(self.tokens[:k], self.parents[:k], self.depths[:k], self.scores[:k], children)

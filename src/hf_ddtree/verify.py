@@ -41,35 +41,56 @@ _PREFIX_FREE = (
 
 @dataclass
 class Verified:
-    scores: torch.Tensor  # (n+1, V) float32 processed logits per node (what the target samples from)
-    raw_logits: torch.Tensor  # (n+1, V) target logits before processors
-    features: torch.Tensor | None  # (n+1, F) concatenated selected hidden states, or None
+    """What one tree verification gives the loop (one row; N = tree.size rows incl. root and padding)."""
+
+    raw: torch.Tensor  # (N, V) target logits before processors
+    scores: torch.Tensor  # (N, V) float32 processed logits (what the target picks from)
+    features: torch.Tensor | None  # (N, F) concatenated selected hidden states, or None
+    path: list[int]  # accepted node indices, root (0) first
+    next_token: int  # the target's own token after the last accepted node (the bonus token)
 
 
-def run_tree(target, tree: Tree, cache, past_len: int, hidden_indices: list[int] | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One target forward over root + tree nodes written at cache slots [past_len, past_len + n + 1).
+def run_tree(target, tree: Tree, cache, past_len: int, hidden_indices: list[int] | None,
+             mask_out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One target forward over the tree's N rows (root, nodes, padding) written at cache slots
+    [past_len, past_len + N).
 
-    Returns logits (n+1, V) and the selected hidden states concatenated (n+1, F) (or None).
+    mask_out: optional preallocated (1, 1, N, kv_len) mask buffer, rewritten in place (fixed shapes).
+    Returns logits (N, V) and the selected hidden states concatenated (N, F) (or None).
     """
     device = target.device
-    dtype = target.dtype
-    n = tree.tokens.numel()
-    ids = tree.tokens.to(device)[None]  # (1, n+1)
-    position_ids = (tree.depths.to(device) + past_len)[None]  # (1, n+1)
-    mask = tree_attention_masks(target.config, tree.visibility(), tree.depths, past_len,
-                                mask_width(cache, past_len, n), dtype, device)
+    n = tree.size
+    ids = tree.tokens.to(device)[None]  # (1, N)
+    position_ids = (tree.depths.to(device) + past_len)[None]  # (1, N)
+    mask = tree_attention_masks(target.config, tree.visibility(device), tree.depths, past_len,
+                                mask_width(cache, past_len, n), target.dtype, device,
+                                num_real=n - tree.pad, out=mask_out)
     out = target(
         input_ids=ids,
         position_ids=position_ids,
-        attention_mask=mask,  # (1, 1, n+1, kv_len), or {layer type: mask} for hybrid targets
+        attention_mask=mask,  # (1, 1, N, kv_len), or {layer type: mask} for hybrid targets
         **cache_kwargs(target, cache),
         use_cache=True,
         output_hidden_states=hidden_states_request(hidden_indices),
     )
     features = None
     if hidden_indices:
-        features = gather_features(out, hidden_indices)[0]  # (n+1, F)
-    return out.logits[0], features  # (n+1, V)
+        features = gather_features(out, hidden_indices)[0]  # (N, F)
+    return out.logits[0], features  # (N, V)
+
+
+def verify_tree(target, tree: Tree, cache, past_len: int, hidden_indices: list[int] | None, logits_processor,
+                prefix: torch.Tensor, do_sample: bool, mask_out: torch.Tensor | None = None,
+                accept=None) -> Verified:
+    """A round's verification: `run_tree`, the processors per node, and the accept walk.
+    prefix: (1, L) committed ids ending with the root. The cache is left holding the whole tree:
+    `cache.compact(cache, past_len, path)` keeps the accepted path. accept: the walk,
+    `(tree, scores, do_sample) -> (path, next_token)` (default `walk`; tensor-parallel targets pass
+    one that walks on the leader and broadcasts)."""
+    raw, features = run_tree(target, tree, cache, past_len, hidden_indices, mask_out)
+    scores = process_scores(logits_processor, prefix, tree, raw)
+    path, nxt = (accept or walk)(tree, scores, do_sample)
+    return Verified(raw, scores, features, path, nxt)
 
 
 def process_scores(logits_processor: LogitsProcessorList | None, prefix: torch.Tensor, tree: Tree,
@@ -90,28 +111,30 @@ def process_scores(logits_processor: LogitsProcessorList | None, prefix: torch.T
     rows = []
     tokens = tree.tokens.to(prefix.device)
     for i in range(scores.shape[0]):
-        path = tree.path_to(i)[1:]  # root is already the last id of prefix
+        path = tree.path_to(i)[1:]  # a padding node has no parent: the prefix alone  # root is already the last id of prefix
         ids = torch.cat([prefix, tokens[path][None]], dim=-1) if path else prefix
         rows.append(logits_processor(ids, scores[i:i + 1]))
     return torch.cat(rows, dim=0)
 
 
-def walk(tree: Tree, scores: torch.Tensor, do_sample: bool, generator: torch.Generator | None = None) -> tuple[list[int], int]:
+def choose(scores_row: torch.Tensor, do_sample: bool) -> int:
+    """The target's token from one processed scores row (V,): argmax, or a sample from its softmax."""
+    if do_sample:
+        return int(torch.multinomial(torch.softmax(scores_row, dim=-1), 1))
+    return int(torch.argmax(scores_row))
+
+
+def walk(tree: Tree, scores: torch.Tensor, do_sample: bool) -> tuple[list[int], int]:
     """Follow the target's choices down the tree.
 
-    At each node the target picks a token (argmax of `scores[node]`, or a sample from
+    At each node the target picks a token (`choose`: argmax of `scores[node]`, or a sample from
     softmax(scores[node])); if a child carries that token we move there, else we stop.
     Returns (accepted node indices starting with the root, the target's token after the last one).
     """
     node = 0
     path = [0]
     while True:
-        row = scores[node]
-        if do_sample:
-            probs = torch.softmax(row, dim=-1)
-            token = int(torch.multinomial(probs, 1, generator=generator))
-        else:
-            token = int(torch.argmax(row))
+        token = choose(scores[node], do_sample)
         child = tree.children[node].get(token)
         if child is None:
             return path, token

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from hf_ddtree.propose import D2SD_BOUNDARIES, D2SD_MAX_BRANCHES, DEFAULT_MAX_TREE_BUDGET, MAX_TREE_BUDGET
+
 from .runner import BenchPrompt, Method, merge_rows, parse_methods, prepare_prompts, run_benchmark, shard_prompts
 
 KNOWN_DATASETS = ("humaneval", "gsm8k", "mt-bench")
@@ -43,8 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="second, variable-prefix drafter for d2sd:N / d2sd-tree:N: 'default' (the one shipped for the "
                         "target, assets/drafters/<target>-prefix) or a local directory / Hub repo id. If it cannot be "
                         "loaded, the d2sd methods are reported as skipped with the reason")
-    p.add_argument("--d2sd-boundaries", type=int, default=4,
-                   help="D^2SD: rejection depths per round at which drafter 2 re-anchors (1..64)")
+    p.add_argument("--d2sd-boundaries", type=int, default=D2SD_BOUNDARIES,
+                   help=f"D^2SD: rejection depths per round at which drafter 2 re-anchors (1..{D2SD_MAX_BRANCHES})")
     p.add_argument("--methods", default="ar,dflash,ddtree:16,ddtree:64,ddtree:256,caddtree",
                    help="comma list of ar, dflash, ddtree:N, caddtree, d2sd:N, d2sd-tree:N, pld, hf-dflash "
                         "(N = tree budget; ar is always added: it is the baseline)")
@@ -58,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch CPU threads per process (default: torch's, divided among local ranks under torchrun)")
     p.add_argument("--seed", type=int, default=0, help="torch.manual_seed(seed + prompt_index) before every generation")
     p.add_argument("--warmup", type=int, default=1, help="untimed warm-up generations per method before timing")
-    p.add_argument("--max-tree-budget", type=int, default=256, help="node cap for caddtree (tree_budget='auto')")
+    p.add_argument("--max-tree-budget", type=int, default=DEFAULT_MAX_TREE_BUDGET,
+                   help="node cap for caddtree (tree_budget='auto')")
     p.add_argument("--pld-tokens", type=int, default=10, help="prompt_lookup_num_tokens for the pld baseline")
     p.add_argument("--tp", type=int, default=1,
                    help="tensor-parallel degree: shard the target over N ranks with transformers' tp_plan='auto' "
@@ -157,16 +160,9 @@ def resolve_device(spec: str, info: DistInfo) -> torch.device:
 def describe_device(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)} (cuda)"
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.lower().startswith("model name"):
-                    name = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"{name} (cpu, {os.cpu_count()} logical cores)"
+    from hf_ddtree.calibrate import cpu_name
+
+    return f"{cpu_name()} (cpu, {os.cpu_count()} logical cores)"
 
 
 def load_target_and_tokenizer(name: str, dtype: torch.dtype, attn: str, **from_pretrained_kwargs):
@@ -224,14 +220,9 @@ def load_drafter2(args, target, drafter) -> tuple[object | None, str | None]:
     try:
         d2 = load_drafter(args.drafter2, target, _dtype(args.dtype), variant="prefix")
         if drafter is not None:
-            from hf_ddtree.drafter import drafter_spec
+            from hf_ddtree.drafter import drafter_spec, validate_d2sd_pair
 
-            s1, s2 = drafter_spec(drafter), drafter_spec(d2)
-            if list(s1.target_layer_ids) != list(s2.target_layer_ids):
-                raise ValueError(f"it reads target layers {list(s2.target_layer_ids)}, drafter 1 reads "
-                                 f"{list(s1.target_layer_ids)}")
-            if s2.block_size < s1.block_size:
-                raise ValueError(f"its block_size {s2.block_size} is below drafter 1's {s1.block_size}")
+            validate_d2sd_pair(drafter_spec(drafter), drafter_spec(d2))
         return d2, None
     except Exception as e:
         return None, f"--drafter2 {args.drafter2!r}: {type(e).__name__}: {e}"
@@ -359,10 +350,10 @@ def bench_main(argv=None) -> int:
         parser.error(str(e))
     if args.max_new_tokens < 1:
         parser.error("--max-new-tokens must be >= 1")
-    if not 1 <= args.max_tree_budget <= 4096:
-        parser.error("--max-tree-budget must be in 1..4096")
-    if not 1 <= args.d2sd_boundaries <= 64:
-        parser.error("--d2sd-boundaries must be in 1..64")
+    if not 1 <= args.max_tree_budget <= MAX_TREE_BUDGET:
+        parser.error(f"--max-tree-budget must be in 1..{MAX_TREE_BUDGET}")
+    if not 1 <= args.d2sd_boundaries <= D2SD_MAX_BRANCHES:
+        parser.error(f"--d2sd-boundaries must be in 1..{D2SD_MAX_BRANCHES}")
     info = dist_info_from_env()
     if args.tp < 1 or (args.tp > 1 and args.tp != info.world_size):
         parser.error(f"--tp {args.tp} needs exactly {args.tp} ranks: run it as torchrun --nproc-per-node {args.tp} "

@@ -14,6 +14,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 
 from hf_ddtree.compat import CACHE_FIELD, cache_from_kwargs, cache_kwargs
+from hf_ddtree.propose import D2SD_BOUNDARIES, D2SD_METHODS, DEFAULT_MAX_TREE_BUDGET, MAX_TREE_BUDGET
 
 # ------------------------------------------------------------------------------------------------
 # Methods
@@ -21,9 +22,7 @@ from hf_ddtree.compat import CACHE_FIELD, cache_from_kwargs, cache_kwargs
 
 VALID_METHODS = ("ar", "dflash", "ddtree:N", "caddtree", "d2sd:N", "d2sd-tree:N", "pld", "hf-dflash")
 BASELINES = ("pld", "hf-dflash")  # comparison points from transformers itself; skipped (not fatal) if they fail
-BUDGETED = ("ddtree", "d2sd", "d2sd-tree")  # kinds written KIND:N, N = tree budget
-D2SD_KINDS = ("d2sd", "d2sd-tree")  # need the second (variable-prefix) drafter
-MAX_BUDGET = 4096
+BUDGETED = ("ddtree", *D2SD_METHODS)  # kinds written KIND:N, N = tree budget
 
 
 @dataclass(frozen=True)
@@ -40,7 +39,7 @@ class Method:
 
     @property
     def needs_drafter2(self) -> bool:
-        return self.kind in D2SD_KINDS
+        return self.kind in D2SD_METHODS
 
     @property
     def tree_budget(self) -> int | str | None:
@@ -56,7 +55,7 @@ class Method:
 def _method_error(token: str, why: str = "") -> ValueError:
     return ValueError(
         f"unknown method {token!r}{': ' + why if why else ''}. Valid methods: {', '.join(VALID_METHODS)} "
-        f"(N = tree budget, an int in 1..{MAX_BUDGET}, e.g. ddtree:64). Example: --methods ar,dflash,ddtree:16,ddtree:64,caddtree"
+        f"(N = tree budget, an int in 1..{MAX_TREE_BUDGET}, e.g. ddtree:64). Example: --methods ar,dflash,ddtree:16,ddtree:64,caddtree"
         f",d2sd:64,d2sd-tree:64"
     )
 
@@ -70,8 +69,8 @@ def parse_method(token: str) -> Method:
         if not sep or not rest.isdigit():
             raise _method_error(token, f"{kind} needs a budget, written {kind}:N")
         n = int(rest)
-        if not 1 <= n <= MAX_BUDGET:
-            raise _method_error(token, f"the budget must be in 1..{MAX_BUDGET}")
+        if not 1 <= n <= MAX_TREE_BUDGET:
+            raise _method_error(token, f"the budget must be in 1..{MAX_TREE_BUDGET}")
         return Method(f"{kind}:{n}", kind, n)
     raise _method_error(token)
 
@@ -118,20 +117,10 @@ def _ids_list(x) -> list[int]:
 
 
 def tokenize_chat(tokenizer, text: str) -> list[int]:
-    """The prompt as the chat template renders it (hf_ddtree.data.to_chat_ids when available)."""
-    try:
-        from hf_ddtree.data import to_chat_ids
-    except ImportError:
-        to_chat_ids = None
-    if to_chat_ids is not None:
-        return _ids_list(to_chat_ids(tokenizer, text))
-    if getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                            tokenize=True)
-        if isinstance(ids, dict) or hasattr(ids, "keys"):
-            ids = ids["input_ids"]
-        return _ids_list(ids)
-    return _ids_list(tokenizer(text)["input_ids"])
+    """The prompt as the chat template renders it (`hf_ddtree.data.to_chat_ids`; ValueError without one)."""
+    from hf_ddtree.data import to_chat_ids
+
+    return _ids_list(to_chat_ids(tokenizer, text))
 
 
 def prepare_prompts(prompts: Sequence[Any], tokenizer=None, dataset: str = "custom") -> list[BenchPrompt]:
@@ -234,14 +223,18 @@ class ForwardRecorder:
 
 
 class HFDFlashAdapter(torch.nn.Module):
-    """Lets transformers' built-in DFlash candidate generator drive our DFlashDraftModel.
+    """Lets transformers' built-in DFlash candidate generator drive a drafter that does not speak its
+    interface natively (the `hf-dflash` baseline's fallback).
 
     transformers (generation/candidate_generator.py, DFlashTokenCandidateGenerator) reads
     `assistant_model.config.{block_size, mask_token_id, target_layer_ids}` at the top level and calls
     `assistant_model(noise_embeds=, context_hidden_states=, position_ids=, attention_mask=<2D or None>,
-    cache=<DFlashCache>)` (`past_key_values=` before 5.24), reading `.last_hidden_state`. Our drafter keeps mask/layers in
-    `config.dflash_config` and returns a tensor, so this wrapper supplies both. The draft itself is the
-    drafter's own forward; only the interface is adapted.
+    cache=<DFlashCache>)` (`past_key_values=` before 5.24), reading `.last_hidden_state`. Our
+    `DFlashDraftModel` does all of that itself (it mirrors the fields at the config's top level and
+    returns a `BaseModelOutputWithPast` for those keyword names), so the bench normally runs it
+    directly and this wrapper is only used when that native call fails: e.g. a drafter class that
+    keeps the fields only in `config.dflash_config` and returns a tensor (z-lab's remote code). The
+    draft itself is the drafter's own forward; only the interface is adapted.
     """
 
     def __init__(self, drafter):
@@ -290,7 +283,7 @@ class _MethodRunner:
     """Calls generate() for each method; decides once how hf-dflash runs (natively or via the adapter)."""
 
     def __init__(self, target, drafter, *, max_tree_budget: int, pld_tokens: int, drafter2=None,
-                 d2sd_boundaries: int = 4):
+                 d2sd_boundaries: int = D2SD_BOUNDARIES):
         self.target, self.drafter, self.drafter2 = target, drafter, drafter2
         self.d2sd_boundaries = int(d2sd_boundaries)
         self.max_tree_budget = int(max_tree_budget)
@@ -358,7 +351,7 @@ class _MethodRunner:
                     extra = dict(tree_budget=None)
                 elif method.kind == "ddtree":
                     extra = dict(tree_budget=method.budget)
-                elif method.kind in D2SD_KINDS:
+                elif method.kind in D2SD_METHODS:
                     assistant = (self.drafter, self.drafter2)
                     extra = dict(method=method.kind, tree_budget=method.budget, d2sd_boundaries=self.d2sd_boundaries)
                 else:  # caddtree
@@ -426,11 +419,11 @@ def run_benchmark(
     max_new_tokens: int = 256,
     seed: int = 0,
     warmup: int = 1,
-    max_tree_budget: int = 256,
+    max_tree_budget: int = DEFAULT_MAX_TREE_BUDGET,
     pld_tokens: int = 10,
     drafter2=None,
     drafter2_error: str | None = None,
-    d2sd_boundaries: int = 4,
+    d2sd_boundaries: int = D2SD_BOUNDARIES,
     rank: int = 0,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
@@ -453,7 +446,7 @@ def run_benchmark(
     methods = list(methods)
     if methods and methods[0].kind != "ar" and any(m.kind == "ar" for m in methods):
         methods = [m for m in methods if m.kind == "ar"] + [m for m in methods if m.kind != "ar"]
-    needs_drafter = [m.name for m in methods if m.kind in ("dflash", "ddtree", "caddtree", "hf-dflash", *D2SD_KINDS)]
+    needs_drafter = [m.name for m in methods if m.kind in ("dflash", "ddtree", "caddtree", "hf-dflash", *D2SD_METHODS)]
     if drafter is None and needs_drafter:
         raise ValueError(f"methods {needs_drafter} need a drafter; pass one or drop them.")
     if all(isinstance(p, BenchPrompt) for p in prompts):
@@ -464,7 +457,7 @@ def run_benchmark(
     if any(t < 0 or math.isnan(t) for t in temps):
         raise ValueError(f"temperatures must be >= 0, got {temps}.")
 
-    if not getattr(target, "_hf_ddtree_enabled", False):
+    if not hf_ddtree.is_enabled(target):
         hf_ddtree.enable(target)
     device = next(target.parameters()).device
     runner = _MethodRunner(target, drafter, max_tree_budget=max_tree_budget, pld_tokens=pld_tokens,
@@ -489,7 +482,7 @@ def run_benchmark(
     # CaDDTree calibrates its latency model once per (models, device); do it outside any timing.
     if any(m.kind == "caddtree" for m in methods) and bprompts:
         try:
-            from hf_ddtree.distributed import calibrate  # budget.calibrate; all TP ranks together
+            from hf_ddtree.distributed import calibrate  # calibrate.calibrate; all TP ranks together
 
             t0 = time.perf_counter()
             with torch.inference_mode():

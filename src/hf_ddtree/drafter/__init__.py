@@ -16,6 +16,7 @@ __all__ = [
     "drafter_spec",
     "is_dflash_drafter",
     "make_drafter_config",
+    "validate_d2sd_pair",
     "validate_pair",
 ]
 
@@ -129,6 +130,20 @@ def _full_attention_rope(rope: dict | None) -> dict | None:
     if rope and all(isinstance(v, dict) for v in rope.values()):
         return rope.get("full_attention") or next(iter(rope.values()))
     return rope
+
+
+def validate_d2sd_pair(spec1: DrafterSpec, spec2: DrafterSpec) -> None:
+    """D2SD needs drafter 2 (variable prefix) to read drafter 1's target layers with a block at least
+    as long. ValueError otherwise."""
+    if tuple(spec1.target_layer_ids) != tuple(spec2.target_layer_ids):
+        raise ValueError(
+            f"D2SD drafters must read the same target layers: drafter 1 uses {list(spec1.target_layer_ids)}, "
+            f"drafter 2 uses {list(spec2.target_layer_ids)}. Train the variable-prefix drafter with the "
+            "same --target-layer-ids."
+        )
+    if spec2.block_size < spec1.block_size:
+        raise ValueError(f"D2SD: the variable-prefix drafter's block_size {spec2.block_size} must be >= "
+                         f"drafter 1's {spec1.block_size}.")
 
 
 def make_drafter_config(

@@ -19,6 +19,8 @@ from typing import Iterable, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from ..data import to_chat_ids
+
 
 def _done_ids(path: Path) -> set[str]:
     if not path.exists():
@@ -33,17 +35,6 @@ def _done_ids(path: Path) -> set[str]:
                 except (json.JSONDecodeError, KeyError):
                     break  # a torn last line from an interrupted run: everything before it is kept
     return done
-
-
-def chat_ids(tokenizer, text: str) -> list[int]:
-    """Token ids of `text` as one user turn with the generation prompt appended."""
-    if getattr(tokenizer, "chat_template", None):
-        out = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                            tokenize=True, return_dict=False)
-        if hasattr(out, "input_ids"):
-            out = out["input_ids"]
-        return list(out)
-    return tokenizer(text)["input_ids"]
 
 
 @torch.no_grad()
@@ -77,7 +68,7 @@ def generate_responses(
 
     jobs = []
     for pid, text in prompts:
-        ids = chat_ids(tokenizer, text)
+        ids = to_chat_ids(tokenizer, text, raw_fallback=True)[0].tolist()
         if len(ids) > max_prompt_tokens:
             continue
         for mode in modes:
