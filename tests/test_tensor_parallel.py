@@ -41,8 +41,8 @@ def test_ordinary_target_is_not_tensor_parallel():
     # the leader helpers are the plain computation without a group
     assert distributed.leader_token(None, lambda: 7) == 7
     assert distributed.leader_walk(None, lambda: ([0, 2], 5), 4) == ([0, 2], 5)
-    p = object()
-    assert distributed.leader_proposer(p, None) is p
+    tree = object()
+    assert distributed.leader_tree(None, tree) is tree
 
 
 def test_sharded_drafter_is_refused_before_any_forward():
