@@ -168,15 +168,23 @@ def test_model_generation_config_stop_strings(target, oracle):
 @pytest.fixture
 def fake_caddtree(monkeypatch):
     """Replace CaDDTree's calibrated policy by 'verify every node up to the cap'; records the cap."""
-    import hf_ddtree.budget as budget
+    import hf_ddtree.calibrate as calibrate
 
     caps = []
 
     def policy_factory(target, drafter, max_nodes, **kwargs):
         caps.append(max_nodes)
-        return lambda tree: min(tree.num_nodes, max_nodes)
 
-    monkeypatch.setattr(budget, "caddtree_policy", policy_factory)
+        class Policy:  # the budget-policy interface: policy(tree) -> n, policy.observe(accepted)
+            def __call__(self, tree):
+                return min(tree.num_nodes, max_nodes)
+
+            def observe(self, accepted):
+                pass
+
+        return Policy()
+
+    monkeypatch.setattr(calibrate, "caddtree_policy", policy_factory)
     return caps
 
 
