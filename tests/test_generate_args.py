@@ -5,7 +5,6 @@ cache and what user stopping criteria receive, and a drafter passed to stock gen
 
 from __future__ import annotations
 
-import sys
 
 import numpy as np
 import pytest
@@ -18,7 +17,7 @@ from hf_ddtree.compat import CACHE_FIELD
 from conftest import CACHES, OracleDrafter, build_drafter, build_target
 from test_generate_api import CHARS, char_tokenizer
 
-generate_module = sys.modules["hf_ddtree.generate"]
+import hf_ddtree.decoding as generate_module
 
 NEW = 20
 PROMPT = torch.tensor([[12, 40, 3, 33, 7, 50, 21]])
