@@ -27,7 +27,7 @@ from .tree import Tree, build_chain
 from .verify import process_scores, run_tree, walk
 
 MAX_TREE_BUDGET = 4096
-METHODS = ("ddtree", "dflash", "auto", "d2sd", "d2sd-tree")
+METHODS = ("ddtree", "dflash", "auto", "ddtree-lookup", "d2sd", "d2sd-tree")
 D2SD_METHODS = ("d2sd", "d2sd-tree")
 
 
@@ -136,7 +136,9 @@ def speculative_decoding(
 
     method: "ddtree" (best-first tree of `tree_budget` nodes), "dflash" (the drafter's single
     greedy chain), "auto" (CaDDTree: `budget_policy(tree)` picks how many of the tree's nodes, in
-    pop order, to verify this round; `tree_budget` is the cap), "d2sd" / "d2sd-tree" (D^2SD with
+    pop order, to verify this round; `tree_budget` is the cap), "ddtree-lookup" (the DDTree heap plus
+    n-gram lookup continuations of the prompt and the generated text, in one tree of `tree_budget`
+    nodes; with `budget_policy` CaDDTree cuts that tree), "d2sd" / "d2sd-tree" (D^2SD with
     the variable-prefix `drafter2`: drafter 1's chain / DDTree heap plus re-anchored branches at the
     `d2sd_boundaries` likeliest rejection depths, `d2sd_alternatives` alternatives each).
     """
@@ -225,7 +227,7 @@ def speculative_decoding(
         if depth_limit <= 0:
             tree = build_chain(root, ids.new_empty(0))  # last token: verify the root alone
         else:
-            tree = proposer.propose(root, context, past, depth_limit)  # books draft_s and tree_s
+            tree = proposer.propose(root, context, past, depth_limit, ids=ids)  # books draft_s and tree_s
         clock.lap("tree_s")
 
         # ---- verify: one target forward over root + nodes, ancestor-only mask ------------------
@@ -261,6 +263,11 @@ def _resolve_method(method: str | None, tree_budget) -> tuple[str, Any]:
         method = "auto" if tree_budget == "auto" else "ddtree"
     if method not in METHODS:
         raise ValueError(f"method={method!r} is not one of {METHODS}.")
+    if method == "ddtree-lookup":
+        if tree_budget == "auto":
+            return method, "auto"  # CaDDTree over the merged tree
+        _, budget = _resolve_method("ddtree", tree_budget)
+        return method, budget
     if method == "dflash":
         if tree_budget is not None:
             raise ValueError("method='dflash' verifies the drafter's single chain: drop tree_budget, or use method='ddtree'.")
@@ -308,7 +315,7 @@ def _ddtree_generate(self, inputs=None, generation_config=None, *args, assistant
 
     method, budget = _resolve_method(method, tree_budget)
     policy = None
-    if method == "auto":
+    if method == "auto" or budget == "auto":
         from .budget import caddtree_policy
 
         if not isinstance(max_tree_budget, int) or not 1 <= max_tree_budget <= MAX_TREE_BUDGET:

@@ -3,12 +3,14 @@
 The decoding loop depends only on this small interface (like transformers'
 `CandidateGenerator`):
 
-    proposer.propose(root_token, context, past, depth_limit) -> Tree
+    proposer.propose(root_token, context, past, depth_limit, ids=ids) -> Tree
 
     root_token  the last committed token (not yet in the target cache), at position `past`
     context     (C, F) target features of the committed tokens the drafter has not seen yet
                 (positions past - C .. past - 1)
     depth_limit deepest node allowed this round (block_size - 1, or fewer near max_length)
+    ids         (1, L) every committed token id (prompt + generated; ids[0, -1] == root_token);
+                only the lookup proposer reads it, the others take and ignore **kwargs
 
 A proposer owns its drafters' caches of projected context K/V.
 """
@@ -22,6 +24,7 @@ from transformers.cache_utils import DynamicCache
 
 from .compat import cache_kwargs
 from .drafter import DrafterSpec
+from .lookup import LookupCalibrator, LookupIndex, candidate_paths, lookup_tree
 from .tree import Tree, build_chain, build_tree, merge_paths, topk_per_position, tree_paths
 
 
@@ -80,7 +83,7 @@ class DFlashProposer:
         bs = state.spec.block_size
         self.block = torch.full((1, bs), state.spec.mask_token_id, dtype=torch.long)
 
-    def propose(self, root_token: int, context: torch.Tensor, past: int, depth_limit: int) -> Tree:
+    def propose(self, root_token: int, context: torch.Tensor, past: int, depth_limit: int, **kwargs) -> Tree:
         if self.max_nodes == 0:  # budget 0: the root alone, nothing to draft (the drafter is never consulted)
             return build_chain(root_token, torch.empty(0, dtype=torch.long))
         self.block[0, 0] = root_token
@@ -136,7 +139,7 @@ class D2SDProposer:
         self.boundaries, self.alternatives = boundaries, alternatives
         self.block1 = torch.full((1, state1.spec.block_size), state1.spec.mask_token_id, dtype=torch.long)
 
-    def propose(self, root_token: int, context: torch.Tensor, past: int, depth_limit: int) -> Tree:
+    def propose(self, root_token: int, context: torch.Tensor, past: int, depth_limit: int, **kwargs) -> Tree:
         if self.max_nodes == 0:  # budget 0: the root alone, nothing to draft
             return build_chain(root_token, torch.empty(0, dtype=torch.long))
         D, A = depth_limit, self.alternatives
@@ -175,14 +178,80 @@ class D2SDProposer:
         return tree
 
 
+class LookupProposer:
+    """DDTree plus lookup candidates (`method="ddtree-lookup"`): the drafter's best-first heap and
+    n-gram continuations of the committed text (see `lookup.py`) merged into one tree of
+    `max_nodes` nodes, verified in the same target forward. With `budget_policy` (CaDDTree) the
+    merged tree is then cut to `policy(tree)` nodes, so the policy's E(n) counts lookup nodes.
+
+    Needs `ids` (the committed tokens) on every call. The tokens committed since the previous call
+    (accepted drafts + the target's token) calibrate the lookup acceptance rates.
+    """
+
+    def __init__(self, state: DrafterState, max_nodes: int, budget_policy: Callable[[Tree], int] | None = None,
+                 lap: Callable[[str], None] = _no_lap, index: LookupIndex | None = None,
+                 calibrator: LookupCalibrator | None = None):
+        self.state, self.max_nodes, self.policy, self.lap = state, max_nodes, budget_policy, lap
+        self.index = LookupIndex() if index is None else index
+        self.calibrator = LookupCalibrator(self.index.max_ngram) if calibrator is None else calibrator
+        self.block = torch.full((1, state.spec.block_size), state.spec.mask_token_id, dtype=torch.long)
+        self.pending: list = []  # last round's candidates, scored once the next call shows what was committed
+        self.pending_at = 0  # text length when they were proposed
+        self.proposed = 0  # lookup candidates offered so far
+
+    def propose(self, root_token: int, context: torch.Tensor, past: int, depth_limit: int,
+                ids: torch.Tensor | None = None, **kwargs) -> Tree:
+        if ids is None:
+            raise ValueError("method='ddtree-lookup' needs the committed token ids: call propose(..., ids=ids) "
+                             "with ids of shape (1, L), ids[0, -1] == root_token.")
+        self._sync(ids)
+        if self.pending:
+            self.calibrator.observe(self.pending, self.index.text[self.pending_at:])
+            self.pending = []
+        if self.max_nodes == 0:  # budget 0: the root alone, nothing to draft (the drafter is never consulted)
+            return build_chain(root_token, torch.empty(0, dtype=torch.long))
+        self.block[0, 0] = root_token
+        logprobs = self.state.draft(self.block, context, past)[0, :depth_limit]  # (D, V)
+        self.lap("draft_s")
+        cands = self.index.candidates(depth_limit)
+        paths = []
+        if cands:
+            rows = torch.tensor([d for c in cands for d in range(len(c.tokens))], dtype=torch.long)
+            cols = torch.tensor([t for c in cands for t in c.tokens], dtype=torch.long)
+            flat = logprobs[rows.to(logprobs.device), cols.to(logprobs.device)].tolist()  # drafter log q_d(t)
+            logq, at = [], 0
+            for c in cands:
+                logq.append(flat[at:at + len(c.tokens)])
+                at += len(c.tokens)
+            paths = candidate_paths(cands, logq, [self.calibrator.token_logprobs(c) for c in cands])
+            self.pending, self.pending_at = cands, len(self.index)
+            self.proposed += len(cands)
+        top_lp, top_ids = topk_per_position(logprobs, self.max_nodes)
+        tree = lookup_tree(root_token, top_lp.cpu(), top_ids.cpu(), paths, self.max_nodes)
+        if self.policy is not None:
+            tree = tree.truncate(self.policy(tree))
+        self.lap("tree_s")
+        return tree
+
+    def _sync(self, ids: torch.Tensor) -> None:
+        n = len(self.index)
+        L = ids.shape[1]
+        if n and L >= n and int(ids[0, n - 1]) == self.index.text[-1]:
+            self.index.extend(ids[0, n:].tolist())  # O(new tokens)
+        else:
+            self.index.sync(ids[0].tolist())  # first call (or a different sequence): index it all
+
+
 def make_proposer(target, drafter, spec: DrafterSpec, method: str, max_nodes: int,
                   budget_policy: Callable[[Tree], int] | None = None, lap: Callable[[str], None] = _no_lap,
                   drafter2=None, spec2: DrafterSpec | None = None, boundaries: int = 4, alternatives: int = 1):
-    """The proposer for `method` ("ddtree", "dflash", "auto", "d2sd", "d2sd-tree").
+    """The proposer for `method` ("ddtree", "dflash", "auto", "ddtree-lookup", "d2sd", "d2sd-tree").
     `lap(name)` books time to a DecodeStats field."""
     embed, head = target.get_input_embeddings(), target.get_output_embeddings()
     state = DrafterState(drafter, spec, embed, head)
     if method in ("d2sd", "d2sd-tree"):
         return D2SDProposer(state, DrafterState(drafter2, spec2, embed, head), method, max_nodes,
                             boundaries, alternatives, lap)
+    if method == "ddtree-lookup":
+        return LookupProposer(state, max_nodes, budget_policy, lap)
     return DFlashProposer(state, method, max_nodes, budget_policy, lap)
