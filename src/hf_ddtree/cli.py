@@ -21,14 +21,16 @@ def _dtype(name: str) -> torch.dtype:
 def demo_main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="hf-ddtree demo", description=(
         "Generate one answer with the embedded SmolLM2-135M target, first autoregressively, then with "
-        "DDTree and the embedded drafter; check both texts are identical and report acceptance and speedup."))
+        "DDTree (plus lookup continuations, by default) and the embedded drafter; check both texts are identical "
+        "and report acceptance and speedup."))
     p.add_argument("--prompt", default=DEMO_PROMPT)
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--tree-budget", default="16",
                    help="node budget (int) or 'auto' for CaDDTree (16: the best fixed budget on this CPU, docs/benchmarks.md)")
-    p.add_argument("--method", default="ddtree", choices=["ddtree", "ddtree-lookup"],
-                   help="ddtree: the drafter's tree; ddtree-lookup: the same tree plus n-gram lookup continuations "
-                        "of the prompt and the answer, under the same budget")
+    p.add_argument("--method", default="ddtree-lookup", choices=["ddtree", "ddtree-lookup"],
+                   help="ddtree-lookup (default: faster than ddtree on every bench task, docs/benchmarks.md): the "
+                        "drafter's tree plus n-gram lookup continuations of the prompt and the answer, under the same "
+                        "budget; ddtree: the drafter's tree alone")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--threads", type=int, default=None)
     args = p.parse_args(argv)
