@@ -424,6 +424,15 @@ def load_drafter(name_or_path, *, target=None, **kwargs):
     if kwargs.pop("trust_remote_code", True) is not True:
         raise ValueError("A DFlash drafter repo is remote code: load_drafter always passes trust_remote_code=True.")
     drafter = AutoModel.from_pretrained(name_or_path, trust_remote_code=True, use_safetensors=True, **kwargs)
+    if getattr(drafter.config, "draft_vocab_size", None):  # a drafting vocabulary shortlist ships with it
+        from transformers.utils import cached_file
+
+        from .draft_vocab import DRAFT_VOCAB_FILE, attach_draft_vocab
+
+        folder = Path(name_or_path).expanduser()
+        if not folder.is_dir():
+            folder = Path(cached_file(name_or_path, DRAFT_VOCAB_FILE, revision=kwargs.get("revision"))).parent
+        attach_draft_vocab(drafter, folder)
     if target is not None:
         validate_pair(target, drafter)
     else:
