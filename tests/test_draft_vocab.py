@@ -186,3 +186,20 @@ def test_greedy_identical_with_a_shortlist(arch, kind, budget, cache):
     if kind == "oracle":  # the oracle drafts every wanted token at rank 0 unless the shortlist drops it
         assert sum(short.acceptance_lengths) / len(short.acceptance_lengths) < \
             sum(full.acceptance_lengths) / len(full.acceptance_lengths)
+
+
+def test_sliced_head_is_reused_and_follows_changes():
+    target = build_target()
+    drafter = build_drafter(target)
+    spec = drafter_spec(drafter)
+    embed, head = target.get_input_embeddings(), target.get_output_embeddings()
+    set_draft_vocab(drafter, torch.tensor([5, 1, 9]))
+    a = DrafterState(drafter, spec, embed, head)
+    assert DrafterState(drafter, spec, embed, head).head_weight is a.head_weight  # no re-slice per call
+    torch.testing.assert_close(a.head_weight, head.weight[[5, 1, 9]])
+    set_draft_vocab(drafter, torch.tensor([2, 3]))  # a new shortlist
+    c = DrafterState(drafter, spec, embed, head)
+    torch.testing.assert_close(c.head_weight, head.weight[[2, 3]])
+    with torch.no_grad():
+        head.weight[2] += 1.0  # the target's head changed in place
+    torch.testing.assert_close(DrafterState(drafter, spec, embed, head).head_weight, head.weight[[2, 3]])
