@@ -355,3 +355,27 @@ def test_offline_by_name_with_env_only(env, target, prompt, reference, tmp_path)
     assert result["modules_cache"] == str(modules) and (modules / "transformers_modules").is_dir()
     assert result["ref"] == reference.tolist()
     assert result["out"] == reference.tolist()
+
+
+def test_save_and_load_drafter_keep_the_draft_vocabulary(env, target, prompt, reference, tmp_path):
+    """save_drafter writes the shortlist next to the weights (config draft_vocab_size + draft_vocab.safetensors),
+    load_drafter attaches it, and decoding with it stays identical to stock greedy; without one the field is dropped."""
+    from hf_ddtree.draft_vocab import DRAFT_VOCAB_FILE, set_draft_vocab
+
+    drafter = _drafter(target, seed=4)
+    set_draft_vocab(drafter, torch.arange(0, MASK, 2))
+    out = save_drafter(drafter, tmp_path / "short", target=target, custom_generate=False)
+    assert json.loads((out / "config.json").read_text())["draft_vocab_size"] == len(range(0, MASK, 2))
+    loaded = load_drafter(out, target=target)
+    assert loaded.draft_vocab_ids.tolist() == list(range(0, MASK, 2))
+    hf_ddtree.enable(target)
+    try:
+        assert torch.equal(target.generate(prompt, assistant_model=loaded, tree_budget=8, do_sample=False,
+                                           max_new_tokens=NEW_TOKENS), reference)
+    finally:
+        hf_ddtree.disable(target)
+    set_draft_vocab(loaded, None)
+    again = save_drafter(loaded, out, custom_generate=False)  # re-saved without a shortlist
+    assert "draft_vocab_size" not in json.loads((again / "config.json").read_text())
+    assert not (again / DRAFT_VOCAB_FILE).exists()
+    assert getattr(load_drafter(again, target=target), "draft_vocab_ids", None) is None

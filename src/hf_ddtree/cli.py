@@ -1,4 +1,4 @@
-"""`hf-ddtree` command line: demo, make-responses, train-drafter, bench."""
+"""`hf-ddtree` command line: demo, make-responses, train-drafter, bench, draft-vocab."""
 
 from __future__ import annotations
 
@@ -116,12 +116,16 @@ def main(argv=None) -> int:
         from hf_ddtree.training.cli import train_drafter_main
 
         return train_drafter_main(argv[1:]) or 0
+    if argv and argv[0] == "draft-vocab":
+        from hf_ddtree.draft_vocab import draft_vocab_main
+
+        return draft_vocab_main(argv[1:]) or 0
     if argv and argv[0] == "bench":
         from hf_ddtree.bench.cli import bench_main
 
         return bench_main(argv[1:]) or 0
     if not argv or argv[0] not in COMMANDS:
-        names = ", ".join(list(COMMANDS) + ["train-drafter", "bench"])
+        names = ", ".join(list(COMMANDS) + ["train-drafter", "bench", "draft-vocab"])
         print(f"usage: hf-ddtree {{{names}}} [options]   (hf-ddtree <command> --help for details)")
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     return COMMANDS[argv[0]](argv[1:]) or 0

@@ -345,6 +345,23 @@ def _check_weights_match(drafter) -> None:
         )
 
 
+def _save_shortlist(drafter, out: Path, cfg_path: Path, config: dict) -> None:
+    """Keep config.json's `draft_vocab_size` and draft_vocab.safetensors in step with the drafter's
+    shortlist (`drafter.draft_vocab_ids`): written when it has one, the field dropped when it has none."""
+    from .draft_vocab import DRAFT_VOCAB_FILE, save_draft_vocab
+
+    ids = getattr(drafter, "draft_vocab_ids", None)
+    if ids is not None:
+        save_draft_vocab(ids, out)
+        config["draft_vocab_size"] = int(ids.numel())
+    elif "draft_vocab_size" in config:
+        del config["draft_vocab_size"]
+        (out / DRAFT_VOCAB_FILE).unlink(missing_ok=True)
+    else:
+        return
+    cfg_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
 def save_drafter(drafter, out_dir, *, repo_id: str = DEFAULT_REPO_ID, target=None, base_model: str | None = None,
                  model_card_text: str | None = None, custom_generate: bool = True) -> Path:
     """Write a complete Hub-ready drafter repo into `out_dir` and return its path.
@@ -392,6 +409,7 @@ def save_drafter(drafter, out_dir, *, repo_id: str = DEFAULT_REPO_ID, target=Non
         config["auto_map"] = dict(AUTO_MAP)
         config["architectures"] = ["DFlashDraftModel"]
         cfg_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    _save_shortlist(drafter, out, cfg_path, config)
 
     if not any(out.glob("*.safetensors")):
         raise RuntimeError(f"save_pretrained wrote no safetensors weights into {out}.")
@@ -419,6 +437,15 @@ def load_drafter(name_or_path, *, target=None, **kwargs):
     if kwargs.pop("trust_remote_code", True) is not True:
         raise ValueError("A DFlash drafter repo is remote code: load_drafter always passes trust_remote_code=True.")
     drafter = AutoModel.from_pretrained(name_or_path, trust_remote_code=True, use_safetensors=True, **kwargs)
+    if getattr(drafter.config, "draft_vocab_size", None):  # a drafting vocabulary shortlist ships with it
+        from transformers.utils import cached_file
+
+        from .draft_vocab import DRAFT_VOCAB_FILE, attach_draft_vocab
+
+        folder = Path(name_or_path).expanduser()
+        if not folder.is_dir():
+            folder = Path(cached_file(name_or_path, DRAFT_VOCAB_FILE, revision=kwargs.get("revision"))).parent
+        attach_draft_vocab(drafter, folder)
     if target is not None:
         validate_pair(target, drafter)
     else:

@@ -120,6 +120,12 @@ def validate_pair(target, drafter) -> DrafterSpec:
             f"Drafter vocab_size {d_vocab} != target vocabulary {vocab}: the drafter was trained for another "
             "tokenizer. Use the drafter that matches your target."
         )
+    shortlist = getattr(drafter, "draft_vocab_ids", None)
+    if shortlist is not None:
+        from ..draft_vocab import check_draft_vocab
+
+        check_draft_vocab(shortlist, target.get_output_embeddings().weight.shape[0],
+                          what="the drafter's draft vocabulary (drafter.draft_vocab_ids)")
     return spec
 
 
