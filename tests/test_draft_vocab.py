@@ -130,7 +130,7 @@ def test_shortlisted_draft_is_the_renormalised_restriction():
     spec = drafter_spec(drafter)
     embed, head = target.get_input_embeddings(), target.get_output_embeddings()
     vocab = target.config.vocab_size
-    context = torch.randn(5, len(spec.target_layer_ids) * target.config.hidden_size,
+    context = torch.randn(1, 5, len(spec.target_layer_ids) * target.config.hidden_size,
                           generator=torch.Generator().manual_seed(0))
     block = torch.full((1, spec.block_size), spec.mask_token_id)
     block[0, 0] = 7
