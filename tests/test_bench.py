@@ -9,7 +9,6 @@ import os
 import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,7 +16,7 @@ from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from hf_ddtree import DFlashDraftModel, make_drafter_config
 from hf_ddtree.bench import merge_rows, parse_methods, run_benchmark, shard_prompts, summarize, write_results
-from hf_ddtree.bench.runner import BenchPrompt, prepare_prompts
+from hf_ddtree.bench.runner import prepare_prompts
 
 VOCAB = HIDDEN = 64
 METHODS = "ar,dflash,ddtree:4,ddtree:16,caddtree,ddtree-lookup:4,caddtree-lookup,pld,hf-dflash"

@@ -9,30 +9,19 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from transformers import GenerationMixin, StoppingCriteria, StoppingCriteriaList
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 import hf_ddtree
 from hf_ddtree.compat import CACHE_FIELD
 
-from conftest import CACHES, OracleDrafter, build_drafter, build_target
-from test_generate_api import CHARS, char_tokenizer
+from conftest import CACHES, OracleDrafter, build_drafter
+from test_generate_api import CHARS, PROMPT, char_tokenizer, stock, target  # noqa: F401 (target: a fixture)
 
 import hf_ddtree.decoding as generate_module
 
 NEW = 20
-PROMPT = torch.tensor([[12, 40, 3, 33, 7, 50, 21]])
 P = PROMPT.shape[1]
 MODES = [dict(tree_budget=16), dict(), dict(tree_budget=0)]
-
-
-def stock(target, ids=PROMPT, **kw):
-    kw.setdefault("do_sample", False)
-    return GenerationMixin.generate(target, ids, **kw)
-
-
-@pytest.fixture
-def target():
-    return hf_ddtree.enable(build_target("qwen3", "sdpa", seed=11))
 
 
 @pytest.fixture

@@ -237,7 +237,7 @@ def measure_latency(target, drafter, max_nodes: int, *, ns: Sequence[int] | None
         primer = _propose.Round(ids[:, :seen + 1], feats[:, :seen], torch.tensor([seen]), depth)
         timed = _propose.Round(ids, feats[:, seen:], torch.tensor([past_len]), depth)
 
-        def draft_once() -> float:
+        def _draft_once() -> float:
             proposer = _propose.make_proposer(target, drafter, spec, method, max_nodes, drafter2=drafter2,
                                               spec2=spec2)
             proposer.draft(primer)  # untimed: the drafter cache holds the context up to `seen`
@@ -247,6 +247,8 @@ def measure_latency(target, drafter, max_nodes: int, *, ns: Sequence[int] | None
             proposer.build(timed, proposer.draft(timed))
             _sync(ddevice)
             return time.perf_counter() - t0
+
+        draft_once = _draft_once
 
     bar = None
     total = (warmup + reps) * (len(ns) + (draft_once is not None))

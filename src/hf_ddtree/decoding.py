@@ -13,7 +13,7 @@ import functools
 import numbers
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 from transformers import GenerationMixin

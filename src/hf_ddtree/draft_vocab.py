@@ -23,7 +23,6 @@ absent = full vocabulary) says how many of the ranked ids the drafter uses. The 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -86,20 +85,14 @@ def rank_tokens(counts: torch.Tensor, size: int, always: Iterable[int] = ()) -> 
 
 def response_token_ids(paths: Iterable[str | os.PathLike], with_prompts: bool = False) -> Iterable[list[int]]:
     """Token-id lists from response JSONL files (`response_ids`, plus `prompt_ids` if `with_prompts`).
-    A torn last line (an interrupted writer) ends that file's records."""
+    A torn last line (an interrupted writer) ends that file's records (`training.responses.read_records`)."""
+    from .training.responses import read_records
+
     for path in paths:
-        with Path(path).open() as f:
-            for line in f:
-                line = line.strip()
-                if not line:
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:
-                    break
-                if with_prompts:
-                    yield rec.get("prompt_ids", [])
-                yield rec["response_ids"]
+        for rec in read_records(path):
+            if with_prompts:
+                yield rec.get("prompt_ids", [])
+            yield rec["response_ids"]
 
 
 def build_draft_vocab(sequences: Iterable[Iterable[int]], vocab_size: int, size: int,
