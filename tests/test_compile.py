@@ -169,3 +169,69 @@ def test_compiled_d2sd_matches_stock():
                             do_sample=False, cache_implementation="static", compile_config=all_devices(backend="eager"))
     assert torch.equal(out, s.ref)
 
+
+
+# ------------------------------------------------------------------------------------------------
+# CaDDTree calibration: keyed on, and timing, the compiled calls
+# ------------------------------------------------------------------------------------------------
+
+def test_calibration_key_and_timing_follow_compile(monkeypatch, tmp_path):
+    from hf_ddtree import calibrate as calibration
+    from hf_ddtree import verify
+
+    torch._dynamo.reset()
+    monkeypatch.setenv("HF_DDTREE_CACHE", str(tmp_path))
+    target = build_target("qwen3", "sdpa")
+    drafter = build_drafter(target)
+    counter = GraphCounter()
+    cc = all_devices(backend=counter.backend)
+    eager_key = calibration.calibration_key(target, drafter, 8)
+    key = calibration.calibration_key(target, drafter, 8, compile_config=cc)
+    assert eager_key["compiled"] == "" and key["compiled"] != "" and key != eager_key
+    assert calibration.calibration_key(target, drafter, 8, compile_config=all_devices(backend="eager")) != key
+    sizes = []
+    real = verify.verify_tree
+
+    def spy(target_, tree, *args, **kwargs):
+        sizes.append((tree.size, kwargs.get("forward") is not None))
+        return real(target_, tree, *args, **kwargs)
+
+    monkeypatch.setattr(verify, "verify_tree", spy)
+    m = calibration.measure_latency(target, drafter, 8, ns=[0, 4, 8], past_len=32, reps=1, warmup=1, progress=False,
+                                    compile_config=cc)
+    assert len(m["times"]) == 3 and m["t_draft"] > 0
+    assert set(sizes) == {(9, True)}  # every verify padded to max_nodes + 1 rows, through the compiled call
+    assert any(g.startswith("[(1, 9)") for g in counter.graphs)  # the verify graph
+    assert counter.total >= 2  # and the drafter's
+    with pytest.raises(ValueError, match="cache_implementation='static'"):
+        calibration.measure_latency(target, drafter, 8, ns=[0], cache_implementation="dynamic", compile_config=cc)
+
+
+def test_auto_budget_calibrates_the_compiled_loop(monkeypatch):
+    import hf_ddtree.distributed as distributed
+
+    seen = []
+
+    class Policy:  # verify every node up to the cap
+        def __init__(self, max_nodes):
+            self.max_nodes = max_nodes
+
+        def __call__(self, tree):
+            return min(tree.num_nodes, self.max_nodes)
+
+        def observe(self, accepted):
+            pass
+
+    def policy_factory(target, drafter, max_nodes, **kwargs):
+        seen.append(kwargs.get("compile_config"))
+        return Policy(max_nodes)
+
+    monkeypatch.setattr(distributed, "caddtree_policy", policy_factory)  # what generate() calls
+    torch._dynamo.reset()
+    s = setup("qwen3", "sdpa")
+    cc = all_devices(backend="eager")
+    kw = dict(assistant_model=s.drafters["oracle"], tree_budget="auto", max_tree_budget=8, max_new_tokens=NEW,
+              do_sample=False)
+    assert torch.equal(s.target.generate(s.prompt, **kw), s.ref)
+    assert torch.equal(s.target.generate(s.prompt, cache_implementation="static", compile_config=cc, **kw), s.ref)
+    assert seen[0] is None and seen[1] is cc

@@ -442,10 +442,22 @@ def _ddtree_generate(self, inputs=None, generation_config=None, *args, assistant
     if method == "auto":
         from .distributed import caddtree_policy  # calibrate.caddtree_policy; one decision on tensor-parallel targets
 
-        policy = caddtree_policy(self, assistant_model, max_nodes=budget)
+        # calibrated on the calls the loop will make: compiled (padded) forwards when generate()'s criteria say so
+        compile_config = compile_forwards(self, _requested_config(self, generation_config, kwargs))
+        policy = caddtree_policy(self, assistant_model, max_nodes=budget, compile_config=compile_config)
 
     return _run(self, inputs, generation_config, args, kwargs, drafter=assistant_model, method=method,
                 tree_budget=budget, budget_policy=policy, collect_timing=collect_timing)
+
+
+def _requested_config(model, generation_config, kwargs):
+    """The compile-relevant fields (cache_implementation, compile_config, disable_compile) of the generation
+    config generate() will build from `generation_config` (or the model's) and the call's kwargs."""
+    from types import SimpleNamespace
+
+    base = generation_config if generation_config is not None else model.generation_config
+    fields = {k: kwargs.get(k, getattr(base, k, None)) for k in ("cache_implementation", "compile_config", "disable_compile")}
+    return SimpleNamespace(**fields)
 
 
 def _d2sd_generate(self, inputs, generation_config, *args, drafters, tree_budget, method, collect_timing,
