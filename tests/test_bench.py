@@ -20,8 +20,8 @@ from hf_ddtree.bench import merge_rows, parse_methods, run_benchmark, shard_prom
 from hf_ddtree.bench.runner import BenchPrompt, prepare_prompts
 
 VOCAB = HIDDEN = 64
-METHODS = "ar,dflash,ddtree:4,ddtree:16,caddtree,pld,hf-dflash"
-OURS = ("ar", "dflash", "ddtree", "caddtree")
+METHODS = "ar,dflash,ddtree:4,ddtree:16,caddtree,ddtree-lookup:4,caddtree-lookup,pld,hf-dflash"
+OURS = ("ar", "dflash", "ddtree", "caddtree", "ddtree-lookup", "caddtree-lookup")
 TEMPS = (0.0, 1.0)
 NEW = 12
 
@@ -121,6 +121,12 @@ def test_parse_methods_and_bad_name():
         assert repr(bad) in msg
         for valid in ("ar", "dflash", "ddtree:N", "caddtree", "d2sd:N", "d2sd-tree:N", "pld", "hf-dflash"):
             assert valid in msg
+    ms = parse_methods("ddtree-lookup:16,caddtree-lookup")
+    assert [(m.name, m.kind, m.tree_budget) for m in ms[1:]] == [
+        ("ddtree-lookup:16", "ddtree-lookup", 16), ("caddtree-lookup", "caddtree-lookup", "auto")]
+    for bad in ("ddtree-lookup", "ddtree-lookup:0", "caddtree-lookup:16"):
+        with pytest.raises(ValueError, match=repr(bad)):
+            parse_methods(bad)
     ms = parse_methods("d2sd-tree:8,d2sd:8,D2SD:8")
     assert [(m.name, m.kind, m.tree_budget, m.needs_drafter2) for m in ms] == [
         ("ar", "ar", None, False), ("d2sd-tree:8", "d2sd-tree", 8, True), ("d2sd:8", "d2sd", 8, True)]

@@ -85,3 +85,18 @@ def test_no_transformers_deprecation_in_a_decode():
         root.removeHandler(handler)
     deprecations = [r.getMessage() for r in records if "deprecat" in r.getMessage().lower()]
     assert deprecations == []
+
+
+def test_no_submodule_is_shadowed_by_a_package_attribute():
+    """`import hf_ddtree.<module> as m` gives the module (the package re-exports a function named
+    `generate`: no module may carry that name, or any other re-exported name)."""
+    import importlib
+    import pkgutil
+
+    for info in pkgutil.iter_modules(hf_ddtree.__path__):
+        module = importlib.import_module(f"hf_ddtree.{info.name}")
+        if hasattr(hf_ddtree, info.name):
+            assert getattr(hf_ddtree, info.name) is module, info.name
+    import hf_ddtree.decoding as decoding
+
+    assert callable(hf_ddtree.generate) and decoding.generate is hf_ddtree.generate

@@ -19,7 +19,7 @@ from transformers import CompileConfig, GenerationConfig
 
 import hf_ddtree
 from hf_ddtree.compat import compile_requested
-from hf_ddtree.generate import compile_forwards
+from hf_ddtree.decoding import compile_forwards
 
 from conftest import OracleDrafter, build_drafter, build_target
 from test_lossless import NEW, setup, stock

@@ -3,7 +3,6 @@ stop strings, and that enable()/disable() leave every other generate() call stoc
 
 from __future__ import annotations
 
-import sys
 
 import pytest
 import torch
@@ -14,7 +13,7 @@ import hf_ddtree
 
 from conftest import CACHES, OracleDrafter, build_drafter, build_target
 
-generate_module = sys.modules["hf_ddtree.generate"]  # `hf_ddtree.generate` is the function
+import hf_ddtree.decoding as generate_module  # the loop's module; `hf_ddtree.generate` is the functional form
 
 NEW = 24
 PROMPT = torch.tensor([[12, 40, 3, 33, 7, 50, 21]])

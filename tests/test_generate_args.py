@@ -5,7 +5,6 @@ cache and what user stopping criteria receive, and a drafter passed to stock gen
 
 from __future__ import annotations
 
-import sys
 
 import numpy as np
 import pytest
@@ -18,7 +17,7 @@ from hf_ddtree.compat import CACHE_FIELD
 from conftest import CACHES, OracleDrafter, build_drafter, build_target
 from test_generate_api import CHARS, char_tokenizer
 
-generate_module = sys.modules["hf_ddtree.generate"]
+import hf_ddtree.decoding as generate_module
 
 NEW = 20
 PROMPT = torch.tensor([[12, 40, 3, 33, 7, 50, 21]])
@@ -168,15 +167,23 @@ def test_model_generation_config_stop_strings(target, oracle):
 @pytest.fixture
 def fake_caddtree(monkeypatch):
     """Replace CaDDTree's calibrated policy by 'verify every node up to the cap'; records the cap."""
-    import hf_ddtree.budget as budget
+    import hf_ddtree.calibrate as calibrate
 
     caps = []
 
     def policy_factory(target, drafter, max_nodes, **kwargs):
         caps.append(max_nodes)
-        return lambda tree: min(tree.num_nodes, max_nodes)
 
-    monkeypatch.setattr(budget, "caddtree_policy", policy_factory)
+        class Policy:  # the budget-policy interface: policy(tree) -> n, policy.observe(accepted)
+            def __call__(self, tree):
+                return min(tree.num_nodes, max_nodes)
+
+            def observe(self, accepted):
+                pass
+
+        return Policy()
+
+    monkeypatch.setattr(calibrate, "caddtree_policy", policy_factory)
     return caps
 
 

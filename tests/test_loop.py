@@ -15,7 +15,7 @@ from hf_ddtree import calibrate as calibration
 from hf_ddtree import propose, verify
 from hf_ddtree import cache as cache_mod
 from hf_ddtree.cache import compact, make_cache, tree_attention_mask
-from hf_ddtree.generate import speculative_decoding
+from hf_ddtree.decoding import speculative_decoding
 from hf_ddtree.propose import Round
 from hf_ddtree.tree import Tree, ancestor_matrix, build_chain, build_tree, merge_paths, topk_per_position
 from hf_ddtree.verify import run_tree

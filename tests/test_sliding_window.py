@@ -306,7 +306,7 @@ def test_refused_attention_kinds():
 # ------------------------------------------------------------------------------------------------
 
 def test_budget_calibration_runs_on_a_hybrid_target():
-    from hf_ddtree.budget import measure_latency
+    from hf_ddtree.calibrate import measure_latency
 
     target = build_family_target("gemma3", "sdpa")
     drafter = build_drafter(target, seed=3)

@@ -124,7 +124,7 @@ def test_features_roundtrip_resume_and_refusal(target, records, store, tmp_path)
 
 @pytest.mark.parametrize("attn,prefix", [("sdpa", False), ("eager", False), ("sdpa", True)])
 def test_packed_training_forward_equals_inference(target, store, attn, prefix):
-    """Block k of one packed training forward == the drafter called as generate.py calls it."""
+    """Block k of one packed training forward == the drafter called as decoding.py calls it."""
     drafter = build_drafter(target, num_layers=2, block_size=BS, mask_token_id=MASK, target_layer_ids=LAYERS,
                             init_from_target=False, seed=3).eval()
     drafter.set_attn_implementation(attn)

@@ -8,7 +8,7 @@
 __version__ = "0.1.0"  # before the imports: calibrate.py keys its disk cache by it
 
 from .drafter import DFlashDraftModel, drafter_spec, is_dflash_drafter, make_drafter_config, validate_pair
-from .generate import DDTreeGenerateOutput, DecodeStats, disable, enable, generate, is_enabled, speculative_decoding
+from .decoding import DDTreeGenerateOutput, DecodeStats, disable, enable, generate, is_enabled, speculative_decoding
 from .tree import Tree, build_chain, build_tree
 
 __all__ = [

@@ -203,7 +203,7 @@ def measure_latency(target, drafter, max_nodes: int, *, ns: Sequence[int] | None
                     method: str = "auto", drafter2=None, compile_config=None) -> dict:
     """Time the loop's verify (`verify.verify_tree` + `cache.compact`) at sizes `ns` and its draft
     (`proposer.draft` + `proposer.build` of `make_proposer(..., method, max_nodes)`).
-    compile_config: time the calls the loop makes when it compiles (`generate.compile_forwards`): the
+    compile_config: time the calls the loop makes when it compiles (`decoding.compile_forwards`): the
     target's compiled call on trees padded to max_nodes + 1 rows with the mask buffer, and the compiled
     drafter (the warmup repetitions absorb the compilation; use warmup >= 1).
     Returns {"ns", "times", "t_draft", "seconds"}.

@@ -21,11 +21,16 @@ def _dtype(name: str) -> torch.dtype:
 def demo_main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="hf-ddtree demo", description=(
         "Generate one answer with the embedded SmolLM2-135M target, first autoregressively, then with "
-        "DDTree and the embedded drafter; check both texts are identical and report acceptance and speedup."))
+        "DDTree (plus lookup continuations, by default) and the embedded drafter; check both texts are identical "
+        "and report acceptance and speedup."))
     p.add_argument("--prompt", default=DEMO_PROMPT)
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--tree-budget", default="16",
                    help="node budget (int) or 'auto' for CaDDTree (16: the best fixed budget on this CPU, docs/benchmarks.md)")
+    p.add_argument("--method", default="ddtree-lookup", choices=["ddtree", "ddtree-lookup"],
+                   help="ddtree-lookup (default: faster than ddtree on every bench task, docs/benchmarks.md): the "
+                        "drafter's tree plus n-gram lookup continuations of the prompt and the answer, under the same "
+                        "budget; ddtree: the drafter's tree alone")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--threads", type=int, default=None)
     args = p.parse_args(argv)
@@ -45,23 +50,24 @@ def demo_main(argv=None) -> int:
 
     # warm-up both paths (first calls pay allocation and kernel selection)
     target.generate(ids, **{**common, "max_new_tokens": 8})
-    target.generate(ids, assistant_model=drafter, tree_budget=budget, **{**common, "max_new_tokens": 8})
+    spec = dict(assistant_model=drafter, tree_budget=budget, method=args.method)
+    target.generate(ids, **spec, **{**common, "max_new_tokens": 8})
 
     t0 = time.perf_counter()
     ar = target.generate(ids, **common)
     t_ar = time.perf_counter() - t0
     t0 = time.perf_counter()
-    out = target.generate(ids, assistant_model=drafter, tree_budget=budget, return_dict_in_generate=True, **common)
+    out = target.generate(ids, **spec, return_dict_in_generate=True, **common)
     t_dd = time.perf_counter() - t0
 
     n_ar = ar.shape[1] - ids.shape[1]
     n_dd = out.sequences.shape[1] - ids.shape[1]
     same = torch.equal(ar, out.sequences)
     text = tokenizer.decode(out.sequences[0, ids.shape[1]:], skip_special_tokens=True)
-    print("\n--- answer (DDTree) ---\n" + text + "\n-----------------------")
+    print(f"\n--- answer ({args.method}) ---\n" + text + "\n-----------------------")
     print(f"identical to autoregressive output: {same}")
     print(f"autoregressive : {n_ar} tokens in {t_ar:.2f} s ({n_ar / t_ar:.1f} tok/s)")
-    print(f"DDTree (budget {budget}): {n_dd} tokens in {t_dd:.2f} s ({n_dd / t_dd:.1f} tok/s), "
+    print(f"{args.method} (budget {budget}): {n_dd} tokens in {t_dd:.2f} s ({n_dd / t_dd:.1f} tok/s), "
           f"mean acceptance length {out.stats.mean_acceptance_length:.2f} tokens per target forward "
           f"over {len(out.acceptance_lengths)} rounds")
     print(f"speedup vs autoregressive (same run, {args.dtype}, {torch.get_num_threads()} CPU threads): "

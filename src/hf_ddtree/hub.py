@@ -78,7 +78,7 @@ def run_custom_generate(model, **generate_arguments):
     fetch the recipe). This drops the download kwargs and hands the rest to hf_ddtree's own
     `generate()` wrapper, so the recipe and `hf_ddtree.enable(target)` run the same code.
     """
-    from .generate import generate
+    from .decoding import generate
 
     for key in _HUB_LOADING_KWARGS:
         generate_arguments.pop(key, None)

@@ -7,7 +7,7 @@ The decoding loop depends only on this small interface (like transformers' `Cand
     proposer.observe(accepted)               after verification: accepted draft tokens per row
     proposer.propose(round) == proposer.build(round, proposer.draft(round))
 
-`Round` carries what any proposer needs (a drafter, or a lookup over the committed text): the
+`Round` carries what any proposer needs (a drafter, or a lookup over the committed text: `LookupProposer`): the
 committed ids, the roots, the target features the drafter has not seen yet, the past lengths and
 the depth limit, each with a leading row dimension B (B = 1 until batching lands). The loop, not
 the proposer, applies the budget policy (CaDDTree) to whatever tree comes back, pads it when asked
@@ -26,9 +26,10 @@ from transformers.cache_utils import DynamicCache
 
 from .compat import cache_kwargs, compiled_module_call
 from .drafter import DrafterSpec, validate_d2sd_pair
+from .lookup import LookupCalibrator, LookupIndex, candidate_paths, lookup_tree
 from .tree import Tree, build_chain, build_tree, merge_paths, topk_per_position, tree_paths
 
-METHODS = ("ddtree", "dflash", "auto", "d2sd", "d2sd-tree")
+METHODS = ("ddtree", "dflash", "auto", "ddtree-lookup", "d2sd", "d2sd-tree")
 D2SD_METHODS = ("d2sd", "d2sd-tree")
 MAX_TREE_BUDGET = 4096  # the largest tree_budget / max_tree_budget accepted
 DEFAULT_TREE_BUDGET = 64  # tree_budget when a tree method is asked for without one
@@ -232,6 +233,60 @@ class D2SDProposer(Proposer):
         return merge_paths(root, paths, self.max_nodes)
 
 
+class LookupProposer(DFlashProposer):
+    """DDTree plus lookup candidates (`method="ddtree-lookup"`): the drafter's best-first heap and
+    n-gram continuations of the committed text (`lookup.py`: prompt + generated so far) merged into
+    one tree of `max_nodes` nodes, verified in the same target forward. Lookup nodes carry calibrated
+    acceptance probabilities as scores, so a budget policy (CaDDTree, applied by the loop) counts
+    them in its expected acceptance like drafter nodes.
+
+    `build` reads `round.ids`: the tokens committed since the previous round calibrate the lookup
+    acceptance rates (`LookupCalibrator`), then the index is extended with them (O(new tokens)).
+    """
+
+    def __init__(self, state: DrafterState, max_nodes: int, index: LookupIndex | None = None,
+                 calibrator: LookupCalibrator | None = None):
+        super().__init__(state, "ddtree", max_nodes)
+        self.index = LookupIndex() if index is None else index
+        self.calibrator = LookupCalibrator(self.index.max_ngram) if calibrator is None else calibrator
+        self.pending: list = []  # last round's candidates, scored once the next round shows what was committed
+        self.pending_at = 0  # text length when they were proposed
+        self.proposed = 0  # lookup candidates offered so far
+
+    def build(self, round: Round, logprobs: torch.Tensor) -> Tree:
+        """logprobs: (D, V) from `draft`. The merged tree of drafter and lookup paths."""
+        if round.ids.shape[0] != 1:
+            raise ValueError(f"the lookup proposer reads one row at a time, got {round.ids.shape[0]} rows.")
+        self._sync(round.ids[0])
+        if self.pending:
+            self.calibrator.observe(self.pending, self.index.text[self.pending_at:])
+            self.pending = []
+        root, depth = int(round.roots[0]), logprobs.shape[0]
+        cands = self.index.candidates(depth)
+        paths = []
+        if cands:
+            rows = torch.tensor([d for c in cands for d in range(len(c.tokens))], dtype=torch.long)
+            cols = torch.tensor([t for c in cands for t in c.tokens], dtype=torch.long)
+            flat = logprobs[rows.to(logprobs.device), cols.to(logprobs.device)].tolist()  # drafter log q_d(t)
+            logq, at = [], 0
+            for c in cands:
+                logq.append(flat[at:at + len(c.tokens)])
+                at += len(c.tokens)
+            paths = candidate_paths(cands, logq, [self.calibrator.token_logprobs(c) for c in cands])
+            self.pending, self.pending_at = cands, len(self.index)
+            self.proposed += len(cands)
+        top_lp, top_ids = topk_per_position(logprobs, self.max_nodes)
+        return lookup_tree(root, top_lp.cpu(), top_ids.cpu(), paths, self.max_nodes)
+
+    def _sync(self, ids: torch.Tensor) -> None:
+        """ids: (L,) the committed tokens of the row."""
+        n, L = len(self.index), ids.shape[0]
+        if n and L >= n and int(ids[n - 1]) == self.index.text[-1]:
+            self.index.extend(ids[n:].tolist())  # O(new tokens)
+        else:
+            self.index.sync(ids.tolist())  # first call (or a different sequence): index it all
+
+
 def make_proposer(target, drafter, spec: DrafterSpec, method: str, max_nodes: int, *, drafter2=None,
                   spec2: DrafterSpec | None = None, boundaries: int = D2SD_BOUNDARIES,
                   alternatives: int = D2SD_ALTERNATIVES, compile_config=None) -> Proposer:
@@ -250,4 +305,6 @@ def make_proposer(target, drafter, spec: DrafterSpec, method: str, max_nodes: in
     if method in D2SD_METHODS:
         return D2SDProposer(state, DrafterState(drafter2, spec2, embed, head, fwd(drafter2)), method, max_nodes,
                             boundaries, alternatives)
+    if method == "ddtree-lookup":
+        return LookupProposer(state, max_nodes)
     return DFlashProposer(state, method, max_nodes)

@@ -229,8 +229,9 @@ def tree_paths(tree: Tree) -> list[tuple[list[int], list[float]]]:
     """Every root-to-node path of `tree` as (tokens, log-prob increments), for `merge_paths`."""
     toks = tree.tokens.tolist()
     pars = tree.parents.tolist()
-    out = []
-    for i in range(1, len(toks)):
-        path = tree.path_to(i)[1:]
-        out.append(([toks[j] for j in path], [tree.scores[j] - tree.scores[pars[j]] for j in path]))
-    return out
+    sc = tree.scores
+    out: list[tuple[list[int], list[float]]] = [([], [])]  # out[i]: the path to node i (root: empty)
+    for i in range(1, len(toks)):  # parents come first: extend the parent's path (O(n * depth), not O(n^2))
+        ptoks, plps = out[pars[i]]
+        out.append((ptoks + [toks[i]], plps + [sc[i] - sc[pars[i]]]))
+    return out[1:]

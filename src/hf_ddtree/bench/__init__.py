@@ -18,7 +18,9 @@ How it measures
 * `torch.manual_seed(seed + prompt_index)` before every generation; `--warmup` untimed generations per
   method first; CaDDTree's latency calibration happens before any timing.
 * Methods: `ar` (stock generate, the baseline), `dflash` (tree_budget=None), `ddtree:N` (tree_budget=N),
-  `caddtree` (tree_budget="auto", max_tree_budget=--max-tree-budget), `d2sd:N` / `d2sd-tree:N` (D^2SD:
+  `caddtree` (tree_budget="auto", max_tree_budget=--max-tree-budget), `ddtree-lookup:N` / `caddtree-lookup`
+  (method="ddtree-lookup": the DDTree heap plus n-gram lookup continuations of the prompt and the output,
+  tree_budget=N / "auto"), `d2sd:N` / `d2sd-tree:N` (D^2SD:
   assistant_model=(drafter, drafter2), method="d2sd" / "d2sd-tree", tree_budget=N,
   d2sd_boundaries=--d2sd-boundaries; drafter2 = --drafter2, by default the variable-prefix drafter shipped
   for the target, `models.load_default_drafter(target, variant="prefix")`; if it cannot be loaded, or
@@ -53,8 +55,8 @@ results.json
 
 row (one per prompt x temperature x method):
   prompt_id str, dataset str, prompt_index int (global), prompt_tokens int, method str ("ddtree:64"),
-  kind str (ar|dflash|ddtree|caddtree|d2sd|d2sd-tree|pld|hf-dflash), tree_budget int (ddtree/d2sd/d2sd-tree)
-  |"auto" (caddtree)|null, temperature float,
+  kind str (ar|dflash|ddtree|caddtree|ddtree-lookup|caddtree-lookup|d2sd|d2sd-tree|pld|hf-dflash), tree_budget
+  int (ddtree/ddtree-lookup/d2sd/d2sd-tree)|"auto" (caddtree, caddtree-lookup)|null, temperature float,
   seed int, rank int, status "ok"|"skipped"|"error", reason str|null, note str|null,
   new_tokens int, time_s float, tokens_per_s float, target_forwards int (prefill included),
   rounds int (verify forwards), acceptance_lengths [int] (per round; null if unknown),

@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--d2sd-boundaries", type=int, default=D2SD_BOUNDARIES,
                    help=f"D^2SD: rejection depths per round at which drafter 2 re-anchors (1..{D2SD_MAX_BRANCHES})")
     p.add_argument("--methods", default="ar,dflash,ddtree:16,ddtree:64,ddtree:256,caddtree",
-                   help="comma list of ar, dflash, ddtree:N, caddtree, d2sd:N, d2sd-tree:N, pld, hf-dflash "
+                   help="comma list of ar, dflash, ddtree:N, caddtree, ddtree-lookup:N, caddtree-lookup, d2sd:N, d2sd-tree:N, pld, hf-dflash "
                         "(N = tree budget; ar is always added: it is the baseline)")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", default="0", help="comma list; 0 = greedy (checked for identity with AR)")

@@ -290,7 +290,7 @@ def _figure(w, h):
 
 
 # kinds drawn as speedup-vs-budget series, with their matplotlib format strings
-BUDGET_SERIES = {"ddtree": "o-", "d2sd": "s-.", "d2sd-tree": "^--"}
+BUDGET_SERIES = {"ddtree": "o-", "ddtree-lookup": "D-", "d2sd": "s-.", "d2sd-tree": "^--"}
 
 
 def plot_speedup_vs_budget(summaries: Sequence[dict], path: str | os.PathLike) -> str | None:

@@ -20,7 +20,8 @@ from hf_ddtree.propose import D2SD_BOUNDARIES, D2SD_METHODS, DEFAULT_MAX_TREE_BU
 # Methods
 # ------------------------------------------------------------------------------------------------
 
-VALID_METHODS = ("ar", "dflash", "ddtree:N", "caddtree", "d2sd:N", "d2sd-tree:N", "pld", "hf-dflash")
+VALID_METHODS = ("ar", "dflash", "ddtree:N", "caddtree", "ddtree-lookup:N", "caddtree-lookup", "d2sd:N", "d2sd-tree:N",
+                 "pld", "hf-dflash")
 # stock generate() with a static cache and the run's compile setting: added (right after ar) by
 # run_benchmark(compile_config=...) / `--compile`, never asked for by name
 AR_STATIC = "ar-static"
@@ -35,8 +36,11 @@ def make_compile_config(backend: str = "inductor"):
     cc = CompileConfig(backend=backend) if backend == "inductor" else CompileConfig(backend=backend, mode=None)
     cc._compile_all_devices = True
     return cc
+
+
 BASELINES = ("pld", "hf-dflash")  # comparison points from transformers itself; skipped (not fatal) if they fail
-BUDGETED = ("ddtree", *D2SD_METHODS)  # kinds written KIND:N, N = tree budget
+BUDGETED = ("ddtree", "ddtree-lookup", *D2SD_METHODS)  # kinds written KIND:N, N = tree budget
+AUTO_KINDS = ("caddtree", "caddtree-lookup")  # CaDDTree: calibrated once before the run
 
 
 @dataclass(frozen=True)
@@ -44,7 +48,7 @@ class Method:
     """One decoding method. `name` is the canonical spelling used in rows, summaries and plots."""
 
     name: str  # "ar", "dflash", "ddtree:64", "caddtree", "d2sd:64", "d2sd-tree:64", "pld", "hf-dflash"
-    kind: str  # "ar", "dflash", "ddtree", "caddtree", "d2sd", "d2sd-tree", "pld", "hf-dflash"
+    kind: str  # "ar", "dflash", "ddtree", "caddtree", "ddtree-lookup", "caddtree-lookup", "d2sd", "d2sd-tree", "pld", "hf-dflash"
     budget: int | None = None  # ddtree:N / d2sd:N / d2sd-tree:N -> N
 
     @property
@@ -61,7 +65,7 @@ class Method:
         else None."""
         if self.kind in BUDGETED:
             return self.budget
-        if self.kind == "caddtree":
+        if self.kind in AUTO_KINDS:
             return "auto"
         return None
 
@@ -76,7 +80,7 @@ def _method_error(token: str, why: str = "") -> ValueError:
 
 def parse_method(token: str) -> Method:
     t = token.strip().lower()
-    if t in ("ar", "dflash", "caddtree", "pld", "hf-dflash"):
+    if t in ("ar", "dflash", "caddtree", "caddtree-lookup", "pld", "hf-dflash"):
         return Method(t, t)
     kind, sep, rest = t.partition(":")
     if kind in BUDGETED:
@@ -370,6 +374,10 @@ class _MethodRunner:
                     extra = dict(tree_budget=None)
                 elif method.kind == "ddtree":
                     extra = dict(tree_budget=method.budget)
+                elif method.kind == "ddtree-lookup":
+                    extra = dict(method="ddtree-lookup", tree_budget=method.budget)
+                elif method.kind == "caddtree-lookup":
+                    extra = dict(method="ddtree-lookup", tree_budget="auto", max_tree_budget=self.max_tree_budget)
                 elif method.kind in D2SD_METHODS:
                     assistant = (self.drafter, self.drafter2)
                     extra = dict(method=method.kind, tree_budget=method.budget, d2sd_boundaries=self.d2sd_boundaries)
@@ -474,7 +482,8 @@ def run_benchmark(
     if compile_config is not None:
         n_ar = sum(m.kind == "ar" for m in methods)
         methods = methods[:n_ar] + [Method(AR_STATIC, AR_STATIC)] + methods[n_ar:]
-    needs_drafter = [m.name for m in methods if m.kind in ("dflash", "ddtree", "caddtree", "hf-dflash", *D2SD_METHODS)]
+    needs_drafter = [m.name for m in methods if m.kind in ("dflash", "ddtree", "caddtree", "ddtree-lookup", "caddtree-lookup",
+                                                           "hf-dflash", *D2SD_METHODS)]
     if drafter is None and needs_drafter:
         raise ValueError(f"methods {needs_drafter} need a drafter; pass one or drop them.")
     if all(isinstance(p, BenchPrompt) for p in prompts):
@@ -508,7 +517,7 @@ def run_benchmark(
         log(f"[bench] {method.name} {status} ({reason})")
 
     # CaDDTree calibrates its latency model once per (models, device); do it outside any timing.
-    if any(m.kind == "caddtree" for m in methods) and bprompts:
+    if any(m.kind in AUTO_KINDS for m in methods) and bprompts:
         try:
             from hf_ddtree.distributed import calibrate  # calibrate.calibrate; all TP ranks together
 
@@ -518,7 +527,7 @@ def run_benchmark(
             log(f"[bench] CaDDTree latency model ready ({time.perf_counter() - t0:.1f} s)")
         except Exception as e:
             for m in methods:
-                if m.kind == "caddtree":
+                if m.kind in AUTO_KINDS:
                     fail(m, e, "calibration")
 
     # Warm-up: first calls pay allocation, kernel selection, lazy imports. Not timed, not recorded.

@@ -9,7 +9,7 @@ fixed (the target is frozen), so they are computed once here and reused for ever
 
 Each record (one JSONL line of the responses stage: `{"id", "prompt_ids", "response_ids", ...}`)
 is run once through the target as `prompt_ids + response_ids` (batch of one, no padding, no grad),
-asking for `output_hidden_states=[i + 1 for i in layer_ids]` exactly as `generate.py` does at
+asking for `output_hidden_states=[i + 1 for i in layer_ids]` exactly as `decoding.py` does at
 inference (through `compat.hidden_states_request`). The selected layers are concatenated to (T, len(layer_ids) * H) and stored in `dtype`
 (bf16 by default, half the disk of fp32).
 

@@ -1,6 +1,6 @@
 """Stage 3 of drafter training: the DFlash block-diffusion objective over cached target features.
 
-What one training example is (it mirrors `generate.py` exactly):
+What one training example is (it mirrors `decoding.py` exactly):
   * an anchor position `a` inside the response (`a >= prompt_len`, `a <= T - 2`);
   * the block `[token[a], mask, mask, ...]` (`block_size` tokens) at positions `a .. a+bs-1`;
   * the context: the target features of every position `< a`;

@@ -177,6 +177,8 @@ def speculative_decoding(
 
     method: "ddtree" (best-first tree of `tree_budget` nodes), "dflash" (the drafter's single
     greedy chain), "auto" (CaDDTree, best-first tree of `tree_budget` nodes cut by the policy),
+    "ddtree-lookup" (the DDTree heap plus n-gram lookup continuations of the prompt and the generated
+    text, one tree of `tree_budget` nodes; with `budget_policy` CaDDTree cuts the merged tree),
     "d2sd" / "d2sd-tree" (D^2SD with the variable-prefix `drafter2`: drafter 1's chain / DDTree heap
     plus re-anchored branches at the `d2sd_boundaries` likeliest rejection depths,
     `d2sd_alternatives` alternatives each).
@@ -360,6 +362,9 @@ def _resolve_method(method: str | None, tree_budget, max_tree_budget=None) -> tu
         max_tree_budget (default 256). method="auto", tree_budget=<int> sets the cap to that int (then a
         different max_tree_budget is refused).
       * max_tree_budget only applies under CaDDTree; with a fixed budget or DFlash it is refused.
+      * method="ddtree-lookup": the DDTree heap plus lookup continuations of the text, with an int
+        tree_budget (fixed, default 64) or tree_budget="auto" (CaDDTree over the merged tree, capped
+        at max_tree_budget).
     Integral numbers of any type (numpy integers, ...) are accepted and converted to int; bool is not.
     """
     auto = _is_auto(tree_budget)
@@ -367,6 +372,10 @@ def _resolve_method(method: str | None, tree_budget, max_tree_budget=None) -> tu
         method = "dflash" if tree_budget is None else ("auto" if auto else "ddtree")
     if method not in METHODS:
         raise ValueError(f"method={method!r} is not one of {METHODS}.")
+    if method == "ddtree-lookup" and auto:  # CaDDTree over the merged drafter + lookup tree
+        if max_tree_budget is None:
+            return method, DEFAULT_MAX_TREE_BUDGET
+        return method, _as_int("max_tree_budget", max_tree_budget, 1, MAX_TREE_BUDGET)
     if method == "dflash":
         if tree_budget is not None:
             raise ValueError("method='dflash' verifies the drafter's single chain: drop tree_budget, or use method='ddtree'.")
@@ -439,7 +448,7 @@ def _ddtree_generate(self, inputs=None, generation_config=None, *args, assistant
 
     method, budget = _resolve_method(method, tree_budget, max_tree_budget)
     policy = None
-    if method == "auto":
+    if method == "auto" or (method == "ddtree-lookup" and _is_auto(tree_budget)):
         from .distributed import caddtree_policy  # calibrate.caddtree_policy; one decision on tensor-parallel targets
 
         # calibrated on the calls the loop will make: compiled (padded) forwards when generate()'s criteria say so
