@@ -552,3 +552,47 @@ def test_two_ranks_gloo_merge(saved_pair, tmp_path):
     assert [(r["prompt_index"], r["method"], r["rank"]) for r in rows] == [
         (0, "ar", 0), (0, "ddtree:4", 0), (1, "ar", 1), (1, "ddtree:4", 1)]
     assert all(r["identical_to_ar"] for r in rows)
+
+
+def test_compile_option_schema(saved_pair, tmp_path, capsys):
+    """--compile BACKEND: our methods run compiled, AR is measured twice (stock as it comes: 'ar'; stock with a
+    static cache and the same compile setting: 'ar-static'), speedups are against the faster, named in ar_baseline."""
+    from hf_ddtree.bench.cli import bench_main
+    from hf_ddtree.bench.report import fastest_ar
+
+    torch._dynamo.reset()
+    out = tmp_path / "run"
+    argv = ["--target", str(saved_pair / "target"), "--drafter", str(saved_pair / "drafter"),
+            "--dataset", str(saved_pair / "prompts.jsonl"), "--methods", "ddtree:4", "--limit", "1",
+            "--max-new-tokens", "8", "--temperature", "0", "--threads", "1", "--no-progress", "--no-plots",
+            "--compile", "eager", "--out", str(out)]
+    assert bench_main(argv) == 0
+    printed = capsys.readouterr().out
+    data = json.loads((out / "results.json").read_text())
+    assert data["config"]["compile"] == "eager" and data["config"]["methods"] == ["ar", "ar-static", "ddtree:4"]
+    assert [r["method"] for r in data["rows"]] == ["ar", "ar-static", "ddtree:4"]
+    assert all(r["status"] == "ok" and r["identical_to_ar"] for r in data["rows"])
+    summary = {s["method"]: s for s in data["summary"] if s["dataset"] == "all"}
+    base = fastest_ar(data["rows"], 0.0)
+    assert base in ("ar", "ar-static") and all(s["ar_baseline"] == base for s in summary.values())
+    assert summary[base]["speedup_vs_ar"] == 1.0
+    times = {r["method"]: r["time_s"] for r in data["rows"]}
+    assert summary["ddtree:4"]["speedup_vs_ar"] == pytest.approx(times[base] / times["ddtree:4"])
+    assert times[base] <= times["ar" if base == "ar-static" else "ar-static"]
+    assert f"Speedups are against `{base}`" in printed
+    with open(out / "results.csv") as f:
+        assert "ar_baseline" in next(csv.reader(f))
+
+
+def test_fastest_ar_picks_the_faster_baseline():
+    from hf_ddtree.bench.report import fastest_ar
+
+    def row(kind, i, t, status="ok"):
+        return {"kind": kind, "prompt_index": i, "time_s": t, "status": status, "temperature": 0.0}
+
+    assert fastest_ar([row("ar", 0, 2.0), row("ar", 1, 2.0)], 0.0) == "ar"
+    assert fastest_ar([row("ar", 0, 2.0), row("ar-static", 0, 1.0), row("ar", 1, 2.0), row("ar-static", 1, 1.5)],
+                      0.0) == "ar-static"
+    # compared over the prompts both ran: ar-static failed on prompt 1
+    assert fastest_ar([row("ar", 0, 1.0), row("ar-static", 0, 1.5), row("ar", 1, 9.0),
+                       row("ar-static", 1, 0.1, "error")], 0.0) == "ar"

@@ -33,13 +33,13 @@ from . import cache as _cache
 from . import propose as _propose
 from . import verify as _verify
 from .budget import CaDDTreePolicy, LatencyModel
-from .compat import cache_kwargs, gather_features, hidden_states_request
+from .compat import cache_kwargs, compiled_call, gather_features, hidden_states_request
 from .tree import Tree, build_tree, topk_per_position
 
 logger = logging.getLogger(__name__)
 
 # Bump when what is timed or how changes: a cached calibration of another format is not reused.
-CALIBRATION_FORMAT = 2
+CALIBRATION_FORMAT = 3  # 3: the key says whether the forwards are compiled
 DEFAULT_PAST_LEN = 256
 DEFAULT_MAX_TREE_BUDGET = _propose.DEFAULT_MAX_TREE_BUDGET
 
@@ -109,8 +109,10 @@ def _param_device_dtype(model) -> tuple[torch.device, torch.dtype]:
 
 
 def calibration_key(target, drafter, max_nodes: int, past_len: int = DEFAULT_PAST_LEN,
-                    cache_implementation: str = "static", method: str = "auto", drafter2=None) -> dict:
-    """What a cached calibration is valid for (its JSON file is named by this dict's hash)."""
+                    cache_implementation: str = "static", method: str = "auto", drafter2=None,
+                    compile_config=None) -> dict:
+    """What a cached calibration is valid for (its JSON file is named by this dict's hash).
+    compile_config: the CompileConfig the loop compiles its forwards with (None: eager), see `compile_tag`."""
     device, dtype = _param_device_dtype(target)
     key = {
         "format": CALIBRATION_FORMAT,
@@ -130,8 +132,20 @@ def calibration_key(target, drafter, max_nodes: int, past_len: int = DEFAULT_PAS
         "max_nodes": int(max_nodes),
         "past_len": int(past_len),
         "cache_implementation": cache_implementation,
+        "compiled": compile_tag(compile_config),
     }
     return key
+
+
+def compile_tag(compile_config) -> str:
+    """"" for eager forwards, else the compile options (backend, mode, dynamic, fullgraph, options) as text."""
+    if compile_config is None:
+        return ""
+    opts = compile_config.to_dict()
+    backend = opts.get("backend")
+    if callable(backend):
+        opts["backend"] = getattr(backend, "__qualname__", type(backend).__name__)
+    return repr(sorted((k, repr(v)) for k, v in opts.items()))
 
 
 def _key_path(key: dict) -> Path:
@@ -186,9 +200,12 @@ def _sync(device: torch.device) -> None:
 def measure_latency(target, drafter, max_nodes: int, *, ns: Sequence[int] | None = None,
                     past_len: int = DEFAULT_PAST_LEN, reps: int = 5, warmup: int = 1,
                     cache_implementation: str = "static", progress: bool | None = None,
-                    method: str = "auto", drafter2=None) -> dict:
+                    method: str = "auto", drafter2=None, compile_config=None) -> dict:
     """Time the loop's verify (`verify.verify_tree` + `cache.compact`) at sizes `ns` and its draft
     (`proposer.draft` + `proposer.build` of `make_proposer(..., method, max_nodes)`).
+    compile_config: time the calls the loop makes when it compiles (`decoding.compile_forwards`): the
+    target's compiled call on trees padded to max_nodes + 1 rows with the mask buffer, and the compiled
+    drafter (the warmup repetitions absorb the compilation; use warmup >= 1).
     Returns {"ns", "times", "t_draft", "seconds"}.
     """
     from .drafter import validate_pair
@@ -197,6 +214,9 @@ def measure_latency(target, drafter, max_nodes: int, *, ns: Sequence[int] | None
     ns = sorted({int(n) for n in (default_sizes(max_nodes) if ns is None else ns) if 0 <= int(n) <= max_nodes})
     if not ns:
         raise ValueError(f"no calibration sizes within [0, {max_nodes}].")
+    if compile_config is not None and cache_implementation != "static":
+        raise ValueError(f"compile_config needs cache_implementation='static' (the loop compiles only with a static "
+                         f"cache), got {cache_implementation!r}.")
     spec = validate_pair(target, drafter) if drafter is not None else None
     spec2 = validate_pair(target, drafter2) if drafter2 is not None else None
     hidden_idx = spec.hidden_state_indices if spec is not None else None
@@ -210,7 +230,13 @@ def measure_latency(target, drafter, max_nodes: int, *, ns: Sequence[int] | None
     tree = _synthetic_tree(max(ns), depth, vocab)
     trees = {n: tree.truncate(min(n, tree.num_nodes)) for n in ns}
 
-    kv = _cache.make_cache(target, cache_implementation, past_len + 1 + max(ns))
+    rows = max_nodes + 1 if compile_config is not None else max(ns) + 1  # the loop pads when it compiles
+    kv = _cache.make_cache(target, cache_implementation, past_len + rows)
+    forward, mask_out = None, None
+    if compile_config is not None:
+        forward = compiled_call(target, compile_config)
+        trees = {n: t.pad_to(rows) for n, t in trees.items()}
+        mask_out = torch.empty(1, 1, rows, _cache.mask_width(kv, 0, rows), dtype=target.dtype, device=device)
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(vocab, (1, past_len + 1), generator=g).to(device)  # prompt + root
     out = target(input_ids=ids[:, :past_len], position_ids=torch.arange(past_len, device=device)[None],
@@ -222,7 +248,7 @@ def measure_latency(target, drafter, max_nodes: int, *, ns: Sequence[int] | None
         t = trees[n]
         _sync(device)
         t0 = time.perf_counter()
-        v = _verify.verify_tree(target, t, kv, past_len, hidden_idx, None, ids, False)
+        v = _verify.verify_tree(target, t, kv, past_len, hidden_idx, None, ids, False, mask_out, forward=forward)
         _cache.compact(kv, past_len, torch.tensor(v.path, dtype=torch.long, device=device))
         _sync(device)
         dt = time.perf_counter() - t0
@@ -239,7 +265,7 @@ def measure_latency(target, drafter, max_nodes: int, *, ns: Sequence[int] | None
 
         def _draft_once() -> float:
             proposer = _propose.make_proposer(target, drafter, spec, method, max_nodes, drafter2=drafter2,
-                                              spec2=spec2)
+                                              spec2=spec2, compile_config=compile_config)
             proposer.draft(primer)  # untimed: the drafter cache holds the context up to `seen`
             ddevice = next(drafter.parameters()).device
             _sync(ddevice)
@@ -291,9 +317,9 @@ _MEMO: dict[str, LatencyModel] = {}
 def calibrate(target, drafter=None, max_nodes: int = _propose.DEFAULT_MAX_TREE_BUDGET, *,
               past_len: int = DEFAULT_PAST_LEN, ns: Sequence[int] | None = None, reps: int = 5, warmup: int = 1,
               cache_implementation: str = "static", use_cache: bool = True, progress: bool | None = None,
-              method: str = "auto", drafter2=None) -> LatencyModel:
+              method: str = "auto", drafter2=None, compile_config=None) -> LatencyModel:
     """The LatencyModel of (target, drafter[, drafter2]) on this machine: from memory, the disk cache,
-    or timing (`measure_latency`).
+    or timing (`measure_latency`). compile_config: the loop's compiled forwards (None: eager).
 
     The disk cache key is `calibration_key(...)` (models' configs, device, dtype, torch and
     hf_ddtree versions, cap, past_len, cache kind, method); ns/reps/warmup only affect a fresh
@@ -301,7 +327,8 @@ def calibrate(target, drafter=None, max_nodes: int = _propose.DEFAULT_MAX_TREE_B
     """
     if max_nodes < 0:
         raise ValueError(f"max_nodes must be >= 0, got {max_nodes}.")
-    key = calibration_key(target, drafter, max_nodes, past_len, cache_implementation, method, drafter2)
+    key = calibration_key(target, drafter, max_nodes, past_len, cache_implementation, method, drafter2,
+                          compile_config)
     tag = json.dumps(key, sort_keys=True) + str(cache_dir())
     if use_cache:
         model = _MEMO.get(tag) or load_cached(key)
@@ -311,7 +338,7 @@ def calibrate(target, drafter=None, max_nodes: int = _propose.DEFAULT_MAX_TREE_B
     logger.info("hf_ddtree: calibrating CaDDTree latency model (one-time per model/device; cached in %s)", cache_dir())
     m = measure_latency(target, drafter, max_nodes, ns=ns, past_len=past_len, reps=reps, warmup=warmup,
                         cache_implementation=cache_implementation, progress=progress, method=method,
-                        drafter2=drafter2)
+                        drafter2=drafter2, compile_config=compile_config)
     model = LatencyModel.from_points(m["ns"], m["times"], m["t_draft"], calibration_s=m["seconds"],
                                      reps=reps, warmup=warmup)
     save_cached(key, model)

@@ -137,3 +137,63 @@ def tp_style_shards_output(style: str) -> bool | None:
         return False  # styles without output layouts (replicated, all-reduce) do not shard outputs
     layouts = layouts if isinstance(layouts, (tuple, list)) else (layouts,)
     return any(isinstance(p, Shard) for p in layouts)
+
+
+# ------------------------------------------------------------------------------------------------
+# generate()'s compile convention (GenerationMixin._valid_auto_compile_criteria + get_compiled_call)
+# ------------------------------------------------------------------------------------------------
+# Both ends (5.17 and 5.24) decide alike: no compile with `disable_compile`; else compile when the
+# decoding cache is compileable and not a DynamicCache (i.e. `cache_implementation="static"`), the
+# device is cuda/xpu/neuron/tpu or `compile_config._compile_all_devices` is set, the quantizer (if
+# any) is compileable and no part of the model is offloaded to cpu/disk. What differs is only where
+# the private method looks for the cache in model_kwargs (`cache` in 5.24, `past_key_values` /
+# `cache_params` before), so we mirror the rule here instead of calling the private method.
+# `get_compiled_call(compile_config)` is the same in both: torch.compile(model.__call__,
+# **compile_config.to_dict()), memoised on the model, defaulting to `_default_compile_config()`.
+COMPILE_DEVICES = ("cuda", "xpu", "neuron", "tpu")
+
+
+def compile_requested(model, generation_config, static_cache: bool) -> bool:
+    """Whether stock generate() would run its decoding forward compiled with this generation_config,
+    given whether its cache is static (`cache_implementation="static"`)."""
+    if generation_config is None or getattr(generation_config, "disable_compile", False):
+        return False
+    cc = getattr(generation_config, "compile_config", None)
+    device = getattr(model, "device", None)
+    valid_hardware = (getattr(device, "type", None) in COMPILE_DEVICES
+                      or bool(cc is not None and getattr(cc, "_compile_all_devices", None)))
+    ok = valid_hardware and static_cache
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None:
+        ok = ok and bool(getattr(quantizer, "is_compileable", False))
+    device_map = getattr(model, "hf_device_map", None)
+    if device_map is not None:
+        devices = set(device_map.values())
+        ok = ok and not ("cpu" in devices and len(devices) > 1) and "disk" not in devices
+    return bool(ok)
+
+
+def compile_config_of(model, generation_config):
+    """The CompileConfig stock generate() compiles with: the generation_config's, else the model's default."""
+    cc = getattr(generation_config, "compile_config", None)
+    return cc if cc is not None else model._default_compile_config()
+
+
+def compiled_call(model, compile_config):
+    """The target's compiled `__call__`, exactly the one stock generate() decodes with."""
+    return model.get_compiled_call(compile_config)
+
+
+def compiled_module_call(module, compile_config, dynamic: bool | None = None):
+    """torch.compile(module.__call__) with the compile_config's options (dynamic overridden when given),
+    memoised on the module per (options)."""
+    import torch
+
+    options = compile_config.to_dict()
+    if dynamic is not None:
+        options["dynamic"] = dynamic
+    tag = repr(sorted((k, repr(v)) for k, v in options.items()))
+    memo = module.__dict__.setdefault("_hf_ddtree_compiled", {})
+    if tag not in memo:
+        memo[tag] = torch.compile(module.__call__, **options)
+    return memo[tag]

@@ -22,7 +22,8 @@ from transformers.generation.stopping_criteria import StopStringCriteria, Stoppi
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from .cache import compact, make_cache, mask_width
-from .compat import CACHE_FIELD, cache_from_kwargs, cache_kwargs, gather_features, hidden_states_request
+from .compat import (CACHE_FIELD, cache_from_kwargs, cache_kwargs, compile_config_of, compile_requested, compiled_call,
+                     gather_features, hidden_states_request)
 from .distributed import check_tensor_parallel, leader_tree, leader_token, leader_walk
 from .drafter import DrafterSpec, is_dflash_drafter, validate_pair
 from .propose import (D2SD_ALTERNATIVES, D2SD_BOUNDARIES, D2SD_MAX_BRANCHES, D2SD_METHODS, DEFAULT_MAX_TREE_BUDGET,
@@ -133,6 +134,20 @@ def _check_inputs(model, input_ids: torch.Tensor, generation_config, model_kwarg
         raise ValueError("hf_ddtree builds its own KV cache: do not pass a pre-filled past_key_values.")
 
 
+def compile_forwards(model, generation_config):
+    """The CompileConfig the loop compiles its verify and drafter forwards with, or None (eager).
+
+    The decision is stock generate()'s (`compat.compile_requested`) for the same arguments: stock
+    decodes with a static cache only for `cache_implementation="static"` (the loop's default static
+    cache is an internal choice and does not count), on cuda/xpu/neuron/tpu or on any device when
+    `compile_config._compile_all_devices` is set, and never with `disable_compile=True`.
+    """
+    static = getattr(generation_config, "cache_implementation", None) == "static"
+    if not compile_requested(model, generation_config, static):
+        return None
+    return compile_config_of(model, generation_config)
+
+
 def _resolve_budget(method: str, tree_budget, block_size: int) -> int:
     """Largest number of tree nodes a round may verify (sizes the cache)."""
     return block_size - 1 if method == "dflash" else int(tree_budget)
@@ -173,6 +188,13 @@ def speculative_decoding(
     collect_timing: fill the DecodeStats *_s fields (returned as `.stats` with return_dict_in_generate).
     pad_tree: pad every tree to `tree_budget` + 1 rows (fixed verify shape, e.g. for a compiled forward;
     eager gains nothing from it).
+
+    Compiled forwards follow generate()'s own rule (`compile_forwards`): when stock generate() would
+    compile its decoding forward (cache_implementation="static" on cuda/xpu/..., or any device with
+    `compile_config._compile_all_devices`; never with disable_compile=True), the tree verify runs through
+    the target's `get_compiled_call(compile_config)` and the drafter through torch.compile with the
+    same options (dynamic shapes); pad_tree and the preallocated mask buffer are then on, so one verify
+    graph serves every round. The prefill stays eager, like stock.
     """
     _check_inputs(model, input_ids, generation_config, model_kwargs)
     spec: DrafterSpec = validate_pair(model, drafter)
@@ -236,6 +258,11 @@ def speculative_decoding(
         return finish(input_ids)
 
     cache = make_cache(model, generation_config.cache_implementation or "static", offset + max_length + 1 + max_nodes)
+    compile_config = compile_forwards(model, generation_config)  # None: eager
+    forward = None  # the verify forward: the target itself, or its compiled call
+    if compile_config is not None:
+        forward = compiled_call(model, compile_config)
+        pad_tree = True  # one verify shape per budget (and the mask buffer below)
 
     # ---- prefill: the prompt into the cache, the first token from the target -----------------
     prompt = dict(inputs_embeds=embeds) if embeds is not None else dict(input_ids=input_ids)
@@ -255,7 +282,7 @@ def speculative_decoding(
     clock.lap("prefill_s")
 
     proposer = make_proposer(model, drafter, spec, method, max_nodes, drafter2=drafter2, spec2=spec2,
-                             boundaries=d2sd_boundaries, alternatives=d2sd_alternatives)
+                             boundaries=d2sd_boundaries, alternatives=d2sd_alternatives, compile_config=compile_config)
     observers = [proposer] if budget_policy is None else [proposer, budget_policy]
     # the accept walk; on a tensor-parallel target the leader walks and every rank takes its path
     accept = walk if tp is None else (lambda t, sc, smp: leader_walk(tp, lambda: walk(t, sc, smp), max_nodes))
@@ -287,7 +314,8 @@ def speculative_decoding(
 
         # ---- verify: one target forward over the tree rows, ancestor-only mask, accept walk ---------
         p0 = int(past[0])  # B = 1
-        v = verify_tree(model, tree, cache, p0, hidden_idx, logits_processor, ids, do_sample, mask_out, accept=accept)
+        v = verify_tree(model, tree, cache, p0, hidden_idx, logits_processor, ids, do_sample, mask_out, accept=accept,
+                        forward=forward)
         accepted = [len(v.path) - 1]  # (B,) accepted draft tokens
         for observer in observers:
             observer.observe(accepted)  # CaDDTree calibrates its acceptance estimate
@@ -423,10 +451,22 @@ def _ddtree_generate(self, inputs=None, generation_config=None, *args, assistant
     if method == "auto" or (method == "ddtree-lookup" and _is_auto(tree_budget)):
         from .distributed import caddtree_policy  # calibrate.caddtree_policy; one decision on tensor-parallel targets
 
-        policy = caddtree_policy(self, assistant_model, max_nodes=budget)
+        # calibrated on the calls the loop will make: compiled (padded) forwards when generate()'s criteria say so
+        compile_config = compile_forwards(self, _requested_config(self, generation_config, kwargs))
+        policy = caddtree_policy(self, assistant_model, max_nodes=budget, compile_config=compile_config)
 
     return _run(self, inputs, generation_config, args, kwargs, drafter=assistant_model, method=method,
                 tree_budget=budget, budget_policy=policy, collect_timing=collect_timing)
+
+
+def _requested_config(model, generation_config, kwargs):
+    """The compile-relevant fields (cache_implementation, compile_config, disable_compile) of the generation
+    config generate() will build from `generation_config` (or the model's) and the call's kwargs."""
+    from types import SimpleNamespace
+
+    base = generation_config if generation_config is not None else model.generation_config
+    fields = {k: kwargs.get(k, getattr(base, k, None)) for k in ("cache_implementation", "compile_config", "disable_compile")}
+    return SimpleNamespace(**fields)
 
 
 def _d2sd_generate(self, inputs, generation_config, *args, drafters, tree_budget, method, collect_timing,

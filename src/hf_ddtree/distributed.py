@@ -240,7 +240,7 @@ _MEMO: dict[str, LatencyModel] = {}
 def calibrate(target, drafter=None, max_nodes: int = _cal.DEFAULT_MAX_TREE_BUDGET, *,
               past_len: int = _cal.DEFAULT_PAST_LEN, ns=None, reps: int = 5, warmup: int = 1,
               cache_implementation: str = "static", use_cache: bool = True, progress: bool | None = None,
-              method: str = "auto", drafter2=None) -> LatencyModel:
+              method: str = "auto", drafter2=None, compile_config=None) -> LatencyModel:
     """`calibrate.calibrate` for any target. On a tensor-parallel one: the leader alone decides whether a
     cached calibration exists (its disk cache, keyed with the TP degree); if not, every rank runs the
     timed forwards together and the leader's fit is used (and broadcast) everywhere."""
@@ -248,10 +248,11 @@ def calibrate(target, drafter=None, max_nodes: int = _cal.DEFAULT_MAX_TREE_BUDGE
     if tp is None:
         return _cal.calibrate(target, drafter, max_nodes, past_len=past_len, ns=ns, reps=reps, warmup=warmup,
                               cache_implementation=cache_implementation, use_cache=use_cache, progress=progress,
-                              method=method, drafter2=drafter2)
+                              method=method, drafter2=drafter2, compile_config=compile_config)
     if max_nodes < 0:
         raise ValueError(f"max_nodes must be >= 0, got {max_nodes}.")
-    key = _cal.calibration_key(target, drafter, max_nodes, past_len, cache_implementation, method, drafter2)
+    key = _cal.calibration_key(target, drafter, max_nodes, past_len, cache_implementation, method, drafter2,
+                               compile_config)
     key["tensor_parallel"] = tp.size
     tag = json.dumps(key, sort_keys=True) + str(_cal.cache_dir())
     model = None
@@ -260,7 +261,8 @@ def calibrate(target, drafter=None, max_nodes: int = _cal.DEFAULT_MAX_TREE_BUDGE
     if _broadcast_object(tp, model is None):  # the leader has none: calibrate together
         m = _cal.measure_latency(target, drafter, max_nodes, ns=ns, past_len=past_len, reps=reps, warmup=warmup,
                                  cache_implementation=cache_implementation,
-                                 progress=progress if tp.is_leader else False, method=method, drafter2=drafter2)
+                                 progress=progress if tp.is_leader else False, method=method, drafter2=drafter2,
+                                 compile_config=compile_config)
         if tp.is_leader:
             model = LatencyModel.from_points(m["ns"], m["times"], m["t_draft"], calibration_s=m["seconds"],
                                              reps=reps, warmup=warmup, tensor_parallel=tp.size)

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from transformers.cache_utils import DynamicCache
 
-from .compat import cache_kwargs
+from .compat import cache_kwargs, compiled_module_call
 from .drafter import DrafterSpec, validate_d2sd_pair
 from .lookup import LookupCalibrator, LookupIndex, candidate_paths, lookup_tree
 from .tree import Tree, build_chain, build_tree, merge_paths, topk_per_position, tree_paths
@@ -85,10 +85,14 @@ class Proposer:
 
 
 class DrafterState:
-    """One DFlash drafter plus its context cache. `draft()` runs one forward over new context + blocks."""
+    """One DFlash drafter plus its context cache. `draft()` runs one forward over new context + blocks.
 
-    def __init__(self, drafter, spec: DrafterSpec, embed, lm_head):
+    forward: the callable that runs the drafter (default the drafter itself; a compiled call when the
+    loop compiles, see `make_proposer(compile_config=...)`)."""
+
+    def __init__(self, drafter, spec: DrafterSpec, embed, lm_head, forward=None):
         self.drafter, self.spec, self.embed, self.lm_head = drafter, spec, embed, lm_head
+        self.forward = forward or drafter
         self.cache = DynamicCache()
         self.seen = 0  # positions [0, seen) are in the drafter cache
         self.device = next(drafter.parameters()).device
@@ -125,7 +129,7 @@ class DrafterState:
                 s = width - k * bs + b * bs
                 mask[0, 0, b * bs:(b + 1) * bs, s:s + bs] = 0
         noise = self.embed(blocks.reshape(1, -1).to(self.embed.weight.device)).to(self.device)  # (1, K*bs, H)
-        hidden = self.drafter(
+        hidden = self.forward(
             position_ids=pos,
             attention_mask=mask,
             noise_embedding=noise,
@@ -306,12 +310,21 @@ class LookupProposer(DFlashProposer):
 
 def make_proposer(target, drafter, spec: DrafterSpec, method: str, max_nodes: int, *, drafter2=None,
                   spec2: DrafterSpec | None = None, boundaries: int = D2SD_BOUNDARIES,
-                  alternatives: int = D2SD_ALTERNATIVES) -> Proposer:
-    """The proposer for `method` (one of METHODS); the drafters borrow the target's embeddings and head."""
+                  alternatives: int = D2SD_ALTERNATIVES, compile_config=None) -> Proposer:
+    """The proposer for `method` (one of METHODS); the drafters borrow the target's embeddings and head.
+
+    compile_config: a transformers CompileConfig: run the drafter forwards through torch.compile with
+    its options and `dynamic=True` (the drafter's context length and cache length change every round;
+    its block shape is fixed), see `compat.compiled_module_call`. None: eager.
+    """
     embed, head = target.get_input_embeddings(), target.get_output_embeddings()
-    state = DrafterState(drafter, spec, embed, head)
+
+    def fwd(module):
+        return None if compile_config is None else compiled_module_call(module, compile_config, dynamic=True)
+
+    state = DrafterState(drafter, spec, embed, head, fwd(drafter))
     if method in D2SD_METHODS:
-        return D2SDProposer(state, DrafterState(drafter2, spec2, embed, head), method, max_nodes,
+        return D2SDProposer(state, DrafterState(drafter2, spec2, embed, head, fwd(drafter2)), method, max_nodes,
                             boundaries, alternatives)
     if method == "ddtree-lookup":
         return LookupProposer(state, max_nodes)

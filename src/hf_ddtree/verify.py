@@ -51,11 +51,13 @@ class Verified:
 
 
 def run_tree(target, tree: Tree, cache, past_len: int, hidden_indices: list[int] | None,
-             mask_out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+             mask_out: torch.Tensor | None = None, forward=None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One target forward over the tree's N rows (root, nodes, padding) written at cache slots
     [past_len, past_len + N).
 
     mask_out: optional preallocated (1, 1, N, kv_len) mask buffer, rewritten in place (fixed shapes).
+    forward: the callable that runs the target (default `target` itself; the loop passes the target's
+    compiled call, `compat.compiled_call`, when generate()'s compile criteria hold).
     Returns logits (N, V) and the selected hidden states concatenated (N, F) (or None).
     """
     device = target.device
@@ -65,7 +67,7 @@ def run_tree(target, tree: Tree, cache, past_len: int, hidden_indices: list[int]
     mask = tree_attention_masks(target.config, tree.visibility(device), tree.depths, past_len,
                                 mask_width(cache, past_len, n), target.dtype, device,
                                 num_real=n - tree.pad, out=mask_out)
-    out = target(
+    out = (forward or target)(
         input_ids=ids,
         position_ids=position_ids,
         attention_mask=mask,  # (1, 1, N, kv_len), or {layer type: mask} for hybrid targets
@@ -81,13 +83,13 @@ def run_tree(target, tree: Tree, cache, past_len: int, hidden_indices: list[int]
 
 def verify_tree(target, tree: Tree, cache, past_len: int, hidden_indices: list[int] | None, logits_processor,
                 prefix: torch.Tensor, do_sample: bool, mask_out: torch.Tensor | None = None,
-                accept=None) -> Verified:
+                accept=None, forward=None) -> Verified:
     """A round's verification: `run_tree`, the processors per node, and the accept walk.
     prefix: (1, L) committed ids ending with the root. The cache is left holding the whole tree:
     `cache.compact(cache, past_len, path)` keeps the accepted path. accept: the walk,
     `(tree, scores, do_sample) -> (path, next_token)` (default `walk`; tensor-parallel targets pass
-    one that walks on the leader and broadcasts)."""
-    raw, features = run_tree(target, tree, cache, past_len, hidden_indices, mask_out)
+    one that walks on the leader and broadcasts). forward: see `run_tree`."""
+    raw, features = run_tree(target, tree, cache, past_len, hidden_indices, mask_out, forward)
     scores = process_scores(logits_processor, prefix, tree, raw)
     path, nxt = (accept or walk)(tree, scores, do_sample)
     return Verified(raw, scores, features, path, nxt)

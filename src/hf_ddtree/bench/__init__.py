@@ -70,7 +70,8 @@ summary (results.csv: one row per dataset x method x temperature, then dataset "
 every dataset; same columns):
   dataset, method, kind, tree_budget, temperature, status ("ok"|"partial"|"skipped"|"error"), reason,
   note, n_prompts (ok), n_skipped, new_tokens, time_s, tokens_per_s, rounds, mean_acceptance_length,
-  speedup_vs_ar, ar_time_s, ar_tokens_per_s, identity_vs_ar (fraction, temperature 0 only),
+  speedup_vs_ar, ar_baseline ("ar", or "ar-static" when that was faster: see --compile), ar_time_s,
+  ar_tokens_per_s, identity_vs_ar (fraction, temperature 0 only),
   n_mismatches, mismatches ("dataset/prompt_id@first_mismatch"; ";"-joined in the CSV),
   prefill_s, draft_s, tree_s, verify_s, commit_s (sums), other_s (time not in the split: generate()
   set-up, Python), mean_tree_size
@@ -79,6 +80,10 @@ Other files: summary.md (the markdown tables printed at the end), speedup_vs_bud
 tree budget per dataset: ddtree:N circles, d2sd:N squares, d2sd-tree:N triangles as their own lines,
 dflash dashed / caddtree dotted horizontals, one panel per temperature),
 acceptance_hist.png (per-round acceptance lengths, one panel per method and temperature).
+With --compile [BACKEND] (run_benchmark(compile_config=...)): our methods run with a static cache
+and generate()'s compile convention, and a row "ar-static" (kind "ar-static": stock generate() with a
+static cache and the same compile setting) follows every "ar" row; speedups are against the faster of
+the two per temperature (ar_baseline). ar-static mismatches are reported, not fatal (it is stock's).
 Exit status: 1 if one of our methods errored or (fp32) differed from AR at temperature 0.
 """
 

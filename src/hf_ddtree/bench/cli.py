@@ -17,7 +17,8 @@ import torch
 
 from hf_ddtree.propose import D2SD_BOUNDARIES, D2SD_MAX_BRANCHES, DEFAULT_MAX_TREE_BUDGET, MAX_TREE_BUDGET
 
-from .runner import BenchPrompt, Method, merge_rows, parse_methods, prepare_prompts, run_benchmark, shard_prompts
+from .runner import (AR_STATIC, BenchPrompt, Method, make_compile_config, merge_rows, parse_methods, prepare_prompts,
+                     run_benchmark, shard_prompts)
 
 KNOWN_DATASETS = ("humaneval", "gsm8k", "mt-bench")
 
@@ -67,6 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tensor-parallel degree: shard the target over N ranks with transformers' tp_plan='auto' "
                         "(run under torchrun --nproc-per-node N, N = the world size; needs accelerate: "
                         "pip install 'hf_ddtree[tp]'). 1 (default): under torchrun, ranks split the prompts instead")
+    p.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                   help="run under a compile setting (torch.compile backend, default inductor): our methods use a static "
+                        "cache and generate()'s compile convention (compiled verify and drafter forwards), and AR is "
+                        "measured twice, stock generate() as it comes ('ar') and with a static cache and the same "
+                        "compile setting ('ar-static'); speedups are against the faster of the two")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--no-progress", action="store_true")
@@ -317,6 +323,7 @@ def build_config(args, argv, info: DistInfo, device: torch.device, methods: list
         "warmup": args.warmup,
         "max_tree_budget": args.max_tree_budget,
         "pld_tokens": args.pld_tokens,
+        "compile": getattr(args, "compile", None),
         "generation_config": gen,
         "drafter_block_size": getattr(drafter, "block_size", None),
         "hf_ddtree": version,
@@ -331,7 +338,7 @@ def build_config(args, argv, info: DistInfo, device: torch.device, methods: list
 
 def exit_code(rows: list[dict], dtype: str) -> int:
     """1 if one of our methods errored, or (fp32) differed from AR at temperature 0; else 0."""
-    core = [r for r in rows if r["kind"] not in ("pld", "hf-dflash")]
+    core = [r for r in rows if r["kind"] not in ("pld", "hf-dflash", "ar-static")]  # ar-static is stock's, not ours
     if any(r["status"] == "error" for r in core):
         return 1
     if dtype == "fp32" and any(r["identical_to_ar"] is False for r in core):
@@ -362,6 +369,8 @@ def bench_main(argv=None) -> int:
     if args.tp > 1 and importlib.util.find_spec("accelerate") is None:
         parser.error("--tp needs accelerate (transformers' tp_plan loading): pip install 'hf_ddtree[tp]'")
 
+    if args.compile:  # the second AR baseline, right after ar (run_benchmark adds it the same way)
+        methods = methods[:1] + [Method(AR_STATIC, AR_STATIC)] + methods[1:]
     info = init_distributed(info, tensor_parallel=args.tp > 1)
     try:
         return _run(args, argv, methods, temps, info)
@@ -405,7 +414,8 @@ def _run(args, argv, methods, temps, info: DistInfo) -> int:
             target, tokenizer, drafter, mine, methods, temperatures=temps, max_new_tokens=args.max_new_tokens,
             seed=args.seed, warmup=args.warmup, max_tree_budget=args.max_tree_budget, pld_tokens=args.pld_tokens,
             drafter2=drafter2, drafter2_error=drafter2_error, d2sd_boundaries=args.d2sd_boundaries,
-            rank=info.rank, progress=not args.no_progress, log=log)
+            rank=info.rank, progress=not args.no_progress, log=log,
+            compile_config=make_compile_config(args.compile) if args.compile else None)
         rank_info["wall_s"] = time.perf_counter() - t0
     except Exception as e:
         if info.world_size == 1:

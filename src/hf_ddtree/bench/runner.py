@@ -22,6 +22,22 @@ from hf_ddtree.propose import D2SD_BOUNDARIES, D2SD_METHODS, DEFAULT_MAX_TREE_BU
 
 VALID_METHODS = ("ar", "dflash", "ddtree:N", "caddtree", "ddtree-lookup:N", "caddtree-lookup", "d2sd:N", "d2sd-tree:N",
                  "pld", "hf-dflash")
+# stock generate() with a static cache and the run's compile setting: added (right after ar) by
+# run_benchmark(compile_config=...) / `--compile`, never asked for by name
+AR_STATIC = "ar-static"
+AR_KINDS = ("ar", AR_STATIC)
+
+
+def make_compile_config(backend: str = "inductor"):
+    """The bench's compile setting: transformers' CompileConfig with `backend`, on any device
+    (`_compile_all_devices`, the switch stock generate() reads; cuda/xpu compile without it)."""
+    from transformers import CompileConfig
+
+    cc = CompileConfig(backend=backend) if backend == "inductor" else CompileConfig(backend=backend, mode=None)
+    cc._compile_all_devices = True
+    return cc
+
+
 BASELINES = ("pld", "hf-dflash")  # comparison points from transformers itself; skipped (not fatal) if they fail
 BUDGETED = ("ddtree", "ddtree-lookup", *D2SD_METHODS)  # kinds written KIND:N, N = tree budget
 AUTO_KINDS = ("caddtree", "caddtree-lookup")  # CaDDTree: calibrated once before the run
@@ -285,8 +301,11 @@ class _MethodRunner:
     """Calls generate() for each method; decides once how hf-dflash runs (natively or via the adapter)."""
 
     def __init__(self, target, drafter, *, max_tree_budget: int, pld_tokens: int, drafter2=None,
-                 d2sd_boundaries: int = D2SD_BOUNDARIES):
+                 d2sd_boundaries: int = D2SD_BOUNDARIES, compile_config=None):
         self.target, self.drafter, self.drafter2 = target, drafter, drafter2
+        # with a compile setting, our methods and ar-static run stock generate()'s compile convention
+        self.compiled = {} if compile_config is None else dict(cache_implementation="static",
+                                                               compile_config=compile_config)
         self.d2sd_boundaries = int(d2sd_boundaries)
         self.max_tree_budget = int(max_tree_budget)
         self.pld_tokens = int(pld_tokens)
@@ -332,8 +351,10 @@ class _MethodRunner:
         accept = None
         with torch.inference_mode():
             _sync(self.device)
-            if method.kind in ("ar", "pld", "hf-dflash"):
+            if method.kind in ("ar", AR_STATIC, "pld", "hf-dflash"):
                 extra = {"prompt_lookup_num_tokens": self.pld_tokens} if method.kind == "pld" else {}
+                if method.kind == AR_STATIC:
+                    extra = dict(self.compiled)
                 if method.kind == "hf-dflash":
                     self.resolve_hf_dflash(ids)
                 with ForwardRecorder(t) as rec:
@@ -363,7 +384,7 @@ class _MethodRunner:
                 else:  # caddtree
                     extra = dict(tree_budget="auto", max_tree_budget=self.max_tree_budget)
                 t0 = time.perf_counter()
-                out = t.generate(ids, assistant_model=assistant, **kw, **extra, **spec_kw)
+                out = t.generate(ids, assistant_model=assistant, **kw, **extra, **spec_kw, **self.compiled)
                 _sync(self.device)
                 dt = time.perf_counter() - t0
                 seq = out.sequences
@@ -433,6 +454,7 @@ def run_benchmark(
     rank: int = 0,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
+    compile_config=None,
 ) -> list[dict]:
     """Run every method on every prompt (prompt-major: for each prompt, each temperature, each method)
     and return one row per (prompt, temperature, method); schema in `hf_ddtree.bench`.
@@ -443,15 +465,23 @@ def run_benchmark(
     (status "skipped" for baselines, "error" otherwise, with the reason) and not retried; the run goes on.
     `drafter2` (the variable-prefix drafter) and `d2sd_boundaries` serve d2sd:N / d2sd-tree:N; without a
     drafter2 those methods are "skipped" with `drafter2_error` (why it could not be had) as the reason.
+    `compile_config` (a transformers CompileConfig, e.g. `make_compile_config("inductor")`): our methods run
+    with cache_implementation="static" and it (so generate()'s compile convention compiles their verify and
+    drafter forwards), and a second AR baseline, "ar-static" (stock generate() with the same static cache and
+    compile setting), is measured next to "ar" (stock generate() as it comes); the report takes speedups
+    against the faster of the two (`report.summarize`).
     """
     import hf_ddtree
 
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
     if isinstance(methods, str) or (methods and not isinstance(list(methods)[0], Method)):
         methods = parse_methods(methods)
-    methods = list(methods)
+    methods = [m for m in methods if m.kind != AR_STATIC]
     if methods and methods[0].kind != "ar" and any(m.kind == "ar" for m in methods):
         methods = [m for m in methods if m.kind == "ar"] + [m for m in methods if m.kind != "ar"]
+    if compile_config is not None:
+        n_ar = sum(m.kind == "ar" for m in methods)
+        methods = methods[:n_ar] + [Method(AR_STATIC, AR_STATIC)] + methods[n_ar:]
     needs_drafter = [m.name for m in methods if m.kind in ("dflash", "ddtree", "caddtree", "ddtree-lookup", "caddtree-lookup",
                                                            "hf-dflash", *D2SD_METHODS)]
     if drafter is None and needs_drafter:
@@ -468,7 +498,7 @@ def run_benchmark(
         hf_ddtree.enable(target)
     device = next(target.parameters()).device
     runner = _MethodRunner(target, drafter, max_tree_budget=max_tree_budget, pld_tokens=pld_tokens,
-                           drafter2=drafter2, d2sd_boundaries=d2sd_boundaries)
+                           drafter2=drafter2, d2sd_boundaries=d2sd_boundaries, compile_config=compile_config)
     disabled: dict[str, tuple[str, str]] = {}  # method name -> (status, reason)
     d2sd = [m for m in methods if m.needs_drafter2]
     if d2sd and drafter2 is None:
@@ -493,7 +523,7 @@ def run_benchmark(
 
             t0 = time.perf_counter()
             with torch.inference_mode():
-                calibrate(target, drafter, int(max_tree_budget))
+                calibrate(target, drafter, int(max_tree_budget), compile_config=compile_config)
             log(f"[bench] CaDDTree latency model ready ({time.perf_counter() - t0:.1f} s)")
         except Exception as e:
             for m in methods:
