@@ -38,16 +38,16 @@ def eval_main(args) -> int:
     from hf_ddtree.training.features import FeatureStore, model_identity
     from hf_ddtree.training.train import evaluate, fast_bf16, head_weight, split_train_val
 
-    device = _device(args.device)
-    bf16 = fast_bf16(device) if args.bf16 is None else args.bf16
-    target, _ = load_target(args.target, dtype=torch.bfloat16 if bf16 else torch.float32)
-    target.eval().to(device)
     drafters = []
     for spec in args.drafter:
         name, sep, path = spec.partition("=")
         if not sep or not name or not Path(path).is_dir():
             raise ValueError(f"--drafter {spec!r}: expected NAME=DIR with an existing drafter folder.")
         drafters.append((name, Path(path)))
+    device = _device(args.device)
+    bf16 = fast_bf16(device) if args.bf16 is None else args.bf16
+    target, _ = load_target(args.target, dtype=torch.bfloat16 if bf16 else torch.float32)
+    target.eval().to(device)
     layer_ids = None
     results = {}
     for name, path in drafters:
