@@ -75,6 +75,19 @@ def demo_main(argv=None) -> int:
     return 0 if same else 1
 
 
+def _pick_device(name: str) -> torch.device:
+    """`--device`: "auto" is cuda when torch sees a GPU, else cpu; anything else goes to torch.device."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise ValueError(f"--device {name!r}: not a torch device ({err}); use auto, cpu, cuda or cuda:N.") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name!r}: torch sees no CUDA device here; use --device cpu (or auto).")
+    return device
+
+
 def make_responses_main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="hf-ddtree make-responses", description=(
         "Stage 1 of drafter training: answer training prompts with the target itself (greedy and sampled)."))
@@ -87,6 +100,7 @@ def make_responses_main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--dtype", default="bf16", choices=["fp32", "bf16"])
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:N")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     if args.threads:
@@ -95,7 +109,9 @@ def make_responses_main(argv=None) -> int:
     from hf_ddtree.models import load_target
     from hf_ddtree.training.responses import generate_responses
 
+    device = _pick_device(args.device)
     target, tokenizer = load_target(args.target, dtype=_dtype(args.dtype))
+    target.to(device)
     prompts = load_training_prompts(limit=args.limit, seed=args.seed, source=args.source)
     pairs = [(p.id, p.text) for p in prompts]
     generate_responses(target, tokenizer, pairs, args.out, modes=args.modes.split(","),

@@ -214,6 +214,10 @@ def load_drafter(spec: str, target, dtype: torch.dtype, variant: str = "dflash")
 
         drafter = AutoModel.from_pretrained(spec, trust_remote_code=True, dtype=dtype)
     drafter = drafter.to(device=device, dtype=dtype).eval()
+    if spec != "default" and Path(spec).expanduser().is_dir():  # a shortlist in the folder, as hub.load_drafter reads it
+        from hf_ddtree.draft_vocab import attach_draft_vocab
+
+        attach_draft_vocab(drafter, Path(spec).expanduser(), target.get_output_embeddings().weight.shape[0])
     validate_pair(target, drafter)
     return drafter
 

@@ -101,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bf16 autocast with fp32 master weights (default: on where bf16 matmuls are native: CUDA, "
                         "AVX512-BF16/AMX CPUs; off on AVX2-only CPUs, where emulated bf16 is ~10x slower)")
     g.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    g.add_argument("--device", default="auto", help="where the target (feature extraction) and the drafter "
+                   "(training) run: auto (cuda if available, else cpu), cpu, cuda, cuda:N")
     g.add_argument("--seed", type=int, default=0)
     g = p.add_argument_group("run control")
     g.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint-last")
@@ -146,17 +148,24 @@ def train_drafter_main(argv=None) -> int:
     from .train import (TrainConfig, build_drafter, fast_bf16, feature_rms, split_train_val, standardize_fc,
                         train_drafter)
 
+    from hf_ddtree.cli import _pick_device
+
+    try:
+        device = _pick_device(args.device)
+    except ValueError as err:
+        parser.error(str(err))
+    args.device = str(device)
     if args.target_dtype == "auto":
-        args.target_dtype = "bf16" if fast_bf16("cpu") else "fp32"
+        args.target_dtype = "bf16" if fast_bf16(device) else "fp32"
     if args.bf16 is None:
-        args.bf16 = fast_bf16("cpu")
+        args.bf16 = fast_bf16(device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     features_dir = Path(args.features_dir) if args.features_dir else out / "features"
 
     print(f"loading target {args.target!r} ({args.target_dtype}) ...", flush=True)
     target, tokenizer = _load_target(args.target, _DTYPES[args.target_dtype])
-    target.eval()
+    target.eval().to(device)
     tcfg = target.config.get_text_config() if hasattr(target.config, "get_text_config") else target.config
     n_target = int(tcfg.num_hidden_layers)
     if args.target_layer_ids:
@@ -206,6 +215,7 @@ def train_drafter_main(argv=None) -> int:
                          f"(same --layers/--block-size/--target-layer-ids needed): {err}")
     elif args.standardize_features:
         standardize_fc(drafter, feature_rms(store, train_idx))
+    drafter.to(device)
     b1, b2 = (float(x) for x in args.betas.split(","))
     config = TrainConfig(
         block_size=args.block_size, anchors_per_seq=args.anchors_per_seq, batch_tokens=args.batch_tokens,
