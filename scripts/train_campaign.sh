@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The CPU training campaign for the embedded drafter (docs/models.md, "Training campaign"): run it in the
 # background while doing other work; every stage is resumable and time-bounded, and it warm-starts from the
-# shipped drafter. Nothing is shipped automatically: compare `eval_drafters` output first (docs/models.md).
+# shipped drafter. Nothing is shipped automatically: compare held-out tau of the new and the shipped drafter
+# first (`python benchmarks/gpu_run.py eval`, see docs/models.md).
 #
 #   nice -n 19 bash scripts/train_campaign.sh RUN_DIR RESPONSE_MINUTES TRAIN_MINUTES [SEED]
 #
