@@ -206,18 +206,18 @@ def load_drafter(spec: str, target, dtype: torch.dtype, variant: str = "dflash")
 
         drafter = load_default_drafter(target, variant=variant)
     elif Path(spec).expanduser().is_dir():
+        from hf_ddtree.draft_vocab import attach_draft_vocab
         from hf_ddtree.drafter import DFlashDraftModel
 
-        drafter = DFlashDraftModel.from_pretrained(str(Path(spec).expanduser()), dtype=dtype)
+        folder = Path(spec).expanduser()
+        drafter = DFlashDraftModel.from_pretrained(str(folder), dtype=dtype)
+        # a shortlist in the folder, as hub.load_drafter reads it (a plain attribute: .to() below leaves it)
+        attach_draft_vocab(drafter, folder, target.get_output_embeddings().weight.shape[0])
     else:
         from transformers import AutoModel
 
         drafter = AutoModel.from_pretrained(spec, trust_remote_code=True, dtype=dtype)
     drafter = drafter.to(device=device, dtype=dtype).eval()
-    if spec != "default" and Path(spec).expanduser().is_dir():  # a shortlist in the folder, as hub.load_drafter reads it
-        from hf_ddtree.draft_vocab import attach_draft_vocab
-
-        attach_draft_vocab(drafter, Path(spec).expanduser(), target.get_output_embeddings().weight.shape[0])
     validate_pair(target, drafter)
     return drafter
 
