@@ -221,6 +221,31 @@ def test_policy_on_trees_matches_choose_budget():
     assert policy(root_only) == 0
 
 
+def test_policy_on_a_batch_maximises_batch_throughput():
+    """One budget for B trees: the argmax over n of (B + sum_b sum_{i<=n} p_{b,i}) / (B t_draft + t_verify(B (n+1) - 1))."""
+    lat = LatencyModel.from_points([0, 8, 64, 256], [1.0, 1.05, 1.6, 4.0], t_draft=0.3)
+    g = torch.Generator().manual_seed(1)
+    for B in (2, 3, 8):
+        for i in range(6):
+            policy = caddtree_policy(None, None, max_nodes=64, latency=lat)
+            trees = []
+            for b in range(B):
+                lp = torch.log_softmax(torch.randn(7, 256, generator=g) * (1 + (i + b) / 3), -1)
+                top_lp, top_ids = topk_per_position(lp, 64)
+                trees.append(build_tree(1, top_lp, top_ids, 64 - 3 * b))  # rows with fewer nodes add nothing past their end
+            n = policy(trees)
+            best, best_f = 0, -1.0
+            for m in range(65):
+                e = B + sum(math.exp(s) for t in trees for s in t.scores[1:m + 1])
+                f = e / (B * lat.t_draft + lat.verify_time(B * (m + 1) - 1))
+                if f > best_f + 1e-12:
+                    best, best_f = m, f
+            assert n == best, (B, i, n, best)
+    # B = 1 as a list is the single-tree rule
+    policy = caddtree_policy(None, None, max_nodes=64, latency=lat)
+    assert policy([trees[0]]) == policy(trees[0])
+
+
 def test_acceptance_calibration_rescales_the_surrogate():
     lat = LatencyModel.from_points([0, 8, 64, 256], [1.0, 1.05, 1.6, 4.0], t_draft=0.3)
     g = torch.Generator().manual_seed(1)

@@ -233,11 +233,18 @@ class StubState:
         self.spec, self.vocab, self.g = spec, vocab, torch.Generator().manual_seed(seed)
         self.blocks, self.out = [], []
 
-    def draft(self, blocks, context, past):
-        self.blocks.append(blocks.clone())
-        lp = torch.log_softmax(3 * torch.randn(blocks.shape[0], blocks.shape[1] - 1, self.vocab, generator=self.g), -1)
-        self.out.append(lp)
-        return lp
+    def draft_rows(self, blocks, context, past, context_lengths=None):
+        """blocks (B, K, bs) -> (B, K, bs-1, V); records each row's (K, bs) blocks and (K, bs-1, V) log-probs."""
+        out = []
+        for row in blocks:
+            self.blocks.append(row.clone())
+            lp = torch.log_softmax(3 * torch.randn(row.shape[0], row.shape[1] - 1, self.vocab, generator=self.g), -1)
+            self.out.append(lp)
+            out.append(lp)
+        return torch.stack(out)
+
+    def select(self, rows):
+        self.selected = list(rows)
 
 
 @pytest.mark.parametrize("method", ["d2sd", "d2sd-tree"])
@@ -248,7 +255,7 @@ def test_proposer_blocks_and_paths(method, K, A, D, bs2, budget):
     spec1 = DrafterSpec(8, 19, (0, 1))
     spec2 = DrafterSpec(bs2, 18, (0, 1))
     s1, s2 = StubState(spec1, V, 1), StubState(spec2, V, 2)
-    tree = D2SDProposer(s1, s2, method, budget, boundaries=K, alternatives=A).propose(Round(torch.tensor([[root]]), None, torch.tensor([10]), D))
+    [tree] = D2SDProposer(s1, s2, method, budget, boundaries=K, alternatives=A).propose(Round(torch.tensor([[root]]), None, torch.tensor([10]), D))
 
     assert s1.blocks[0].tolist() == [[root] + [19] * 7]
     lp1 = s1.out[0][0, :D]

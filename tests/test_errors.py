@@ -30,9 +30,13 @@ def gen(target, drafter, ids=PROMPT, **kw):
     return target.generate(ids, assistant_model=drafter, **kw)
 
 
-def test_batch_larger_than_one(target, drafter):
-    with pytest.raises(ValueError, match=r"one sequence at a time.*batch size 2.*once per prompt"):
-        gen(target, drafter, ids=PROMPT.repeat(2, 1), tree_budget=4)
+def test_batch_of_identical_rows_is_stock(target, drafter):
+    """B > 1 is supported (tests/test_batch.py); two copies of one prompt give two copies of its output."""
+    from transformers import GenerationMixin
+
+    out = gen(target, drafter, ids=PROMPT.repeat(2, 1), tree_budget=4)
+    ref = GenerationMixin.generate(target, PROMPT, do_sample=False, max_new_tokens=4)
+    assert torch.equal(out, ref.repeat(2, 1))
 
 
 def test_drafter_hidden_size_mismatch(target):
@@ -110,9 +114,20 @@ def test_tree_budget_without_assistant(target):
 def test_padded_attention_mask(target, drafter):
     ids = PROMPT.clone()
     mask = torch.ones_like(ids)
-    mask[0, 0] = 0
-    with pytest.raises(ValueError, match=r"does not support padded inputs.*without padding"):
+    mask[0, 2] = 0  # a hole: neither left nor right padding
+    with pytest.raises(ValueError, match=r"needs left padding.*padding_side = 'left'"):
         gen(target, drafter, attention_mask=mask, tree_budget=4)
+    mask = torch.ones_like(ids)
+    mask[0, -1] = 0  # right padding
+    with pytest.raises(ValueError, match=r"needs left padding.*right-padded"):
+        gen(target, drafter, attention_mask=mask, tree_budget=4)
+    # left padding is decoded like stock decodes it
+    from transformers import GenerationMixin
+
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    ref = GenerationMixin.generate(target, ids, attention_mask=mask, do_sample=False, max_new_tokens=4)
+    assert torch.equal(gen(target, drafter, attention_mask=mask, tree_budget=4), ref)
     # an all-ones mask is fine
     out = gen(target, drafter, attention_mask=torch.ones_like(ids), tree_budget=4)
     assert out.shape[1] == ids.shape[1] + 4

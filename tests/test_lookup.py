@@ -215,9 +215,9 @@ def test_proposer_builds_the_merged_tree_and_calibrates():
     prop = LookupProposer(state, 16)
     text = [4, 5, 6, 7, 8, 4, 5]
     ids = torch.tensor([text])
-    tree = prop.propose(Round(ids, None, torch.tensor([len(text) - 1]), D))
+    [tree] = prop.propose(Round(ids, None, torch.tensor([len(text) - 1]), D))
     lp = state.out[0][0, :D]
-    cands = prop.pending
+    cands = prop.rows[0].pending
     assert cands == [Candidate((6, 7, 8, 4, 5), 2, 0)]  # (4, 5) occurred before; (8, 4, 5) did not
     cal = LookupCalibrator()
     paths = candidate_paths(cands, [[float(lp[d, t]) for d, t in enumerate(c.tokens)] for c in cands],
@@ -233,8 +233,22 @@ def test_proposer_builds_the_merged_tree_and_calibrates():
     key = prop.calibrator._key(first, True)
     assert prop.calibrator.prop[key] == pytest.approx(0.99 * 4 + 1)
     assert prop.index.text == text + [6, 7, 9]
-    with pytest.raises(ValueError, match="one row at a time"):  # B > 1 is not implemented yet
-        prop.build(Round(ids.expand(2, -1), None, torch.tensor([9, 9]), D), lp)
+
+
+def test_lookup_proposer_keeps_one_index_per_row():
+    """A batch: each row's lookup candidates come from its own text (right-aligned ids, ragged lengths), and
+    select() keeps the surviving rows' indexes."""
+    V, D = 20, 5
+    state = StubState(DrafterSpec(8, 19, (0, 1)), V, 4)
+    prop = LookupProposer(state, 16)
+    a = [4, 5, 6, 7, 8, 4, 5]  # (4, 5) recurs: candidate (6, 7, 8, ...)
+    b = [9, 10, 11, 9, 10]  # (9, 10) recurs: candidate (11, 9, 10)
+    ids = torch.tensor([a, [0, 0] + b])  # row 1 is shorter: left-filled
+    prop.propose(Round(ids, None, torch.tensor([len(a) - 1, len(b) - 1]), D))
+    assert prop.rows[0].index.text == a and prop.rows[1].index.text == b
+    assert prop.rows[0].pending[0].tokens[:3] == (6, 7, 8) and prop.rows[1].pending[0].tokens[:1] == (11,)
+    prop.select([1])
+    assert len(prop.rows) == 1 and prop.index.text == b
 
 
 # ------------------------------------------------------------------------------------------------

@@ -199,11 +199,13 @@ def test_timing_is_booked_by_the_loop(pair):
 
 def test_round_carries_rows():
     r = Round(torch.tensor([[4, 5, 6]]), torch.zeros(1, 2, 8), torch.tensor([2]), 3)
-    assert r.roots.tolist() == [6] and r.single()[0] == 6 and r.single()[2] == 2
-    two = Round(torch.tensor([[4, 5], [6, 7]]), torch.zeros(2, 1, 8), torch.tensor([1, 1]), 3)
-    assert two.roots.tolist() == [5, 7]
-    with pytest.raises(ValueError, match="one row"):
-        two.single()
+    assert r.roots.tolist() == [6] and r.text(0).tolist() == [4, 5, 6] and r.lengths().tolist() == [2]
+    # ragged rows: right-aligned ids (row 1 has one real token before its root), per-row context lengths
+    two = Round(torch.tensor([[4, 5, 8], [0, 6, 7]]), torch.zeros(2, 3, 8), torch.tensor([2, 1]), 3,
+                torch.tensor([3, 1]))
+    assert two.roots.tolist() == [8, 7] and two.rows == 2
+    assert two.text(0).tolist() == [4, 5, 8] and two.text(1).tolist() == [6, 7]
+    assert two.lengths().tolist() == [3, 1]
 
 
 def test_merged_d2sd_trees_are_cut_prefix_closed():

@@ -296,17 +296,45 @@ class CaDDTreePolicy:
             return 1.0
         return min(self.max_scale, max(self.min_scale, self._accepted / max(self._promised, 1e-9)))
 
-    def __call__(self, tree: Tree) -> int:
+    def __call__(self, tree: Tree | Sequence[Tree]) -> int:
+        """n for one tree, or ONE n for a batch's trees (each row's tree is cut to its first n nodes).
+
+        For B rows the round verifies B * (n + 1) tokens in one forward and drafts B rows, so the model is
+        T_B(n) = B * t_draft + t_verify(B * (n + 1) - 1) (the calibrated single-row curve at the same number
+        of tokens, extrapolated with its last slope) and E_B(n) = B + r * sum_b sum_{i<=n} p_{b,i}: still
+        concave over convex, so the same stopping rule finds the best n."""
+        trees = [tree] if isinstance(tree, Tree) else list(tree)
         if self.online:
             now = self.clock()
             if self._last is not None and self.budgets:
                 self._observe(self.budgets[-1], now - self._last)
             self._last = now
-        n, mass = _choose_from_scores(tree.scores, self._base, min(tree.num_nodes, self.max_nodes),
-                                      self.latency.t_overhead, self.acceptance_scale)
+        if len(trees) == 1:
+            n, mass = _choose_from_scores(trees[0].scores, self._base, min(trees[0].num_nodes, self.max_nodes),
+                                          self.latency.t_overhead, self.acceptance_scale)
+        else:
+            n, mass = self._choose_batch(trees)
         self.budgets.append(n)
         self._last_mass = mass
         return n
+
+    def _choose_batch(self, trees: Sequence[Tree]) -> tuple[int, float]:
+        B = len(trees)
+        n_max = min(max(t.num_nodes for t in trees), self.max_nodes)
+        probs = [0.0] * n_max  # p_i summed over rows (a row with fewer nodes adds nothing past its end)
+        for t in trees:
+            for i, s in enumerate(t.scores[1:n_max + 1]):
+                probs[i] += math.exp(s)
+        lat = self.latency
+        T = [B * lat.t_draft + lat.verify_time(B * (n + 1) - 1) + lat.t_overhead for n in range(n_max + 1)]
+        r = self.acceptance_scale
+        e, mass = float(B), 0.0
+        for n in range(n_max):
+            e_next = e + r * probs[n]
+            if e_next * T[n] <= e * T[n + 1]:
+                return n, mass
+            e, mass = e_next, mass + probs[n]
+        return n_max, mass
 
     def observe(self, accepted: Sequence[float]) -> None:
         """Called by the decoding loop after each round: draft tokens accepted, one entry per row."""

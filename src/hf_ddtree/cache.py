@@ -20,6 +20,7 @@ type's window is expressed in that layer type's mask instead of by a rolling cac
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer, StaticCache, StaticLayer
@@ -118,64 +119,145 @@ def mask_width(cache, past_len: int, num_new: int) -> int:
     return past_len + num_new
 
 
+@dataclass
+class CacheRows:
+    """Where each row of a batched target cache lives (the loop's bookkeeping; B rows).
+
+    All rows share one write pointer (the cache's own length, `write_at` = max(length)): a forward
+    writes its tokens at slots [write_at, write_at + N) of every row. Row b's live entries are the
+    slots [start[b], length[b]): slots before start[b] hold the prompt's left padding, and slots
+    [length[b], write_at) are stale (a longer row's tokens went there; `compact_rows` re-aligns
+    each row's accepted tree nodes right after its own live entries). Slot s of row b holds
+    position s - start[b], so the next token of row b sits at position length[b] - start[b].
+
+    start  (B,) long: left-padding slots of each row (0 without padding)
+    length (B,) long: slots in use by each row (padding included)
+    """
+
+    start: torch.Tensor
+    length: torch.Tensor
+
+    @classmethod
+    def single(cls, past_len: int) -> "CacheRows":
+        """One unpadded row holding `past_len` positions."""
+        return cls(torch.zeros(1, dtype=torch.long), torch.tensor([int(past_len)]))
+
+    @property
+    def write_at(self) -> int:
+        return int(self.length.max())
+
+    @property
+    def positions(self) -> torch.Tensor:
+        """(B,) long: the position of each row's next token (its root)."""
+        return self.length - self.start
+
+    def select(self, rows: list[int]) -> "CacheRows":
+        idx = torch.tensor(rows, dtype=torch.long)
+        return CacheRows(self.start[idx], self.length[idx])
+
+
 def tree_attention_mask(visibility: torch.Tensor, past_len: int, kv_len: int, dtype: torch.dtype,
                         device: torch.device, *, num_real: int | None = None,
                         out: torch.Tensor | None = None) -> torch.Tensor:
-    """Additive mask (1, 1, N, kv_len): 0 where a node may attend (the cache, itself, its
-    ancestors), finfo(dtype).min elsewhere (later nodes, siblings, stale static slots).
+    """Additive mask (1, 1, N, kv_len) for one unpadded row: 0 where a node may attend (the cache,
+    itself, its ancestors), finfo(dtype).min elsewhere (later nodes, siblings, stale static slots).
 
     visibility: (N, N) bool, [i, j] = j is i or an ancestor of i (`Tree.visibility(device)`).
     num_real: rows >= num_real are padding nodes: they see only themselves, not the cache.
     out: a (1, 1, N, kv_len) buffer of `dtype` on `device` to write into (no allocation).
-    Built with tensor ops on `device` (no Python loop over nodes).
+    The one-row case of `tree_attention_mask_rows`.
     """
-    n = visibility.shape[0]
+    real = None if num_real is None else torch.tensor([int(num_real)])
+    return tree_attention_mask_rows(visibility[None], CacheRows.single(past_len), kv_len, dtype, device,
+                                    num_real=real, out=out)
+
+
+def tree_attention_mask_rows(visibility: torch.Tensor, rows: CacheRows, kv_len: int, dtype: torch.dtype,
+                             device: torch.device, *, num_real: torch.Tensor | None = None,
+                             out: torch.Tensor | None = None) -> torch.Tensor:
+    """Additive mask (B, 1, N, kv_len) for B trees written at slots [rows.write_at, + N) of a cache
+    laid out as `rows` says: node i of row b sees its row's live slots [start[b], length[b]) and
+    the tree slots of itself and its ancestors; nothing else (padding, stale slots, siblings, later
+    nodes, other rows' trees are never visible: each row has its own mask).
+
+    visibility: (B, N, N) bool, [b, i, j] = node j of row b's tree is i or an ancestor of i.
+    num_real: (B,) long or None: rows' nodes >= num_real[b] are padding: they see only themselves.
+    out: a (B, 1, N, kv_len) buffer of `dtype` on `device` to write into (no allocation).
+    Built with tensor ops on `device` (no Python loop over nodes or rows).
+    """
+    n = visibility.shape[1]
     vis = visibility.to(device)
+    w = rows.write_at
     key = torch.arange(kv_len, device=device)  # (K,)
-    rel = key - past_len  # key slot -> tree node index
-    in_tree = (rel >= 0) & (rel < n)
-    allowed = vis[:, rel.clamp(0, max(n - 1, 0))] & in_tree  # (N, K): ancestors and itself
-    sees_cache = (key < past_len)[None]  # (1, K)
-    if num_real is not None and num_real < n:
-        sees_cache = sees_cache & (torch.arange(n, device=device) < num_real)[:, None]
+    rel = key - w  # key slot -> tree node index
+    in_tree = (rel >= 0) & (rel < n)  # (K,)
+    allowed = vis[:, :, rel.clamp(0, max(n - 1, 0))] & in_tree  # (B, N, K): ancestors and itself
+    start, length = rows.start.to(device), rows.length.to(device)
+    sees_cache = (key[None] >= start[:, None]) & (key[None] < length[:, None])  # (B, K)
+    sees_cache = sees_cache[:, None, :]  # (B, 1, K)
+    if num_real is not None:
+        sees_cache = sees_cache & (torch.arange(n, device=device)[None] < num_real.to(device)[:, None])[:, :, None]
     allowed = allowed | sees_cache
     zero = torch.zeros((), dtype=dtype, device=device)
     neg = torch.tensor(torch.finfo(dtype).min, dtype=dtype, device=device)
     if out is None:
-        return torch.where(allowed, zero, neg)[None, None]
-    torch.where(allowed[None, None], zero, neg, out=out)
+        return torch.where(allowed, zero, neg)[:, None]
+    torch.where(allowed[:, None], zero, neg, out=out)
     return out
 
 
 def sliding_window_mask(mask: torch.Tensor, depths: torch.Tensor, past_len: int, window: int) -> torch.Tensor:
-    """`mask` (1, 1, n, kv_len) from `tree_attention_mask`, further restricted to a sliding window.
+    """`mask` (1, 1, n, kv_len) from `tree_attention_mask`, further restricted to a sliding window
+    (the one-row case of `sliding_window_mask_rows`)."""
+    return sliding_window_mask_rows(mask, depths[None], CacheRows.single(past_len), window)
 
-    Node j sits at position past_len + depths[j]; cache slot s < past_len holds position s and tree
-    slot past_len + i holds position past_len + depths[i]. Like transformers' sliding overlay
-    (`kv_idx > q_idx - window`, on positions), node j keeps only keys at positions
-    > past_len + depths[j] - window. Returns a new mask; slots past the tree stay hidden."""
+
+def sliding_window_mask_rows(mask: torch.Tensor, depths: torch.Tensor, rows: CacheRows, window: int) -> torch.Tensor:
+    """`mask` (B, 1, n, kv_len) from `tree_attention_mask_rows`, further restricted to a sliding window.
+
+    depths: (B, n). Node j of row b sits at position rows.positions[b] + depths[b, j]; cache slot
+    s < write_at of row b holds position s - start[b], and tree slot write_at + i holds position
+    rows.positions[b] + depths[b, i]. Like transformers' sliding overlay (`kv_idx > q_idx - window`,
+    on positions), node j keeps only keys at positions > its own position - window. Returns a new
+    mask; what was hidden stays hidden."""
     n, kv_len = mask.shape[-2], mask.shape[-1]
-    depths = depths.to(mask.device)
-    q_pos = past_len + depths  # (n,)
-    k_pos = torch.arange(kv_len, device=mask.device)
-    k_pos[past_len:past_len + n] = q_pos
-    outside = k_pos[None, :] <= (q_pos[:, None] - window)  # (n, kv_len)
-    return mask.masked_fill(outside, torch.finfo(mask.dtype).min)
+    device = mask.device
+    depths = depths.to(device)
+    w = rows.write_at
+    q_pos = rows.positions.to(device)[:, None] + depths  # (B, n)
+    k_pos = torch.arange(kv_len, device=device)[None] - rows.start.to(device)[:, None]  # (B, kv_len)
+    k_pos = k_pos.clone()
+    k_pos[:, w:w + n] = q_pos
+    outside = k_pos[:, None, :] <= (q_pos[:, :, None] - window)  # (B, n, kv_len)
+    return mask.masked_fill(outside[:, None], torch.finfo(mask.dtype).min)
 
 
 def tree_attention_masks(config, visibility: torch.Tensor, depths: torch.Tensor, past_len: int, kv_len: int,
                          dtype: torch.dtype, device: torch.device, *, num_real: int | None = None,
                          out: torch.Tensor | None = None):
-    """The `attention_mask=` of a tree forward: the (1, 1, N, kv_len) ancestor mask when every
-    layer has the same window, else {layer type: its mask} (what hybrid models like Gemma 2/3 take).
+    """The `attention_mask=` of a one-row tree forward (see `tree_attention_masks_rows`).
 
     visibility: (N, N) bool, node i sees node j; depths: (N,) depth of each node (root = 0).
-    num_real / out: as in `tree_attention_mask` (padding rows; a preallocated buffer for the
+    """
+    real = None if num_real is None else torch.tensor([int(num_real)])
+    return tree_attention_masks_rows(config, visibility[None], depths[None], CacheRows.single(past_len), kv_len,
+                                     dtype, device, num_real=real, out=out)
+
+
+def tree_attention_masks_rows(config, visibility: torch.Tensor, depths: torch.Tensor, rows: CacheRows, kv_len: int,
+                              dtype: torch.dtype, device: torch.device, *, num_real: torch.Tensor | None = None,
+                              out: torch.Tensor | None = None):
+    """The `attention_mask=` of a batched tree forward: the (B, 1, N, kv_len) mask when every layer
+    has the same window, else {layer type: its mask} (what hybrid models like Gemma 2/3 take).
+
+    visibility: (B, N, N) bool; depths: (B, N) depth of each node (root = 0); rows: the cache layout.
+    num_real / out: as in `tree_attention_mask_rows` (padding nodes; a preallocated buffer for the
     full-attention mask).
     """
-    mask = tree_attention_mask(visibility, past_len, kv_len, dtype, device, num_real=num_real, out=out)
+    mask = tree_attention_mask_rows(visibility, rows, kv_len, dtype, device, num_real=num_real, out=out)
     windows = attention_windows(text_config(config))
-    masks = {kind: mask if w is None else sliding_window_mask(mask, depths, past_len, w) for kind, w in windows.items()}
+    masks = {kind: mask if w is None else sliding_window_mask_rows(mask, depths, rows, w)
+             for kind, w in windows.items()}
     if len(set(windows.values())) == 1:
         return next(iter(masks.values()))
     return masks
@@ -198,3 +280,49 @@ def compact(cache, past_len: int, keep: torch.Tensor) -> None:
             layer.crop(-(layer.keys.shape[-2] - (past_len + k)))
         else:
             raise TypeError(f"cannot compact cache layer {type(layer).__name__}")
+
+
+def compact_rows(cache, rows: CacheRows, keep: list[torch.Tensor]) -> CacheRows:
+    """Batched `compact`: the tree was written at slots [rows.write_at, + N) of every row; move row
+    b's nodes `keep[b]` (indices into its tree, root = 0, ascending) to slots
+    [rows.length[b], + len(keep[b])) of that row, and set the cache's length to the longest row.
+    Only the kept entries move (O(accepted) per row). Returns the new layout."""
+    w = rows.write_at
+    counts = torch.tensor([k.numel() for k in keep], dtype=torch.long)
+    new = CacheRows(rows.start.clone(), rows.length + counts)
+    row_idx = torch.cat([torch.full((k.numel(),), b, dtype=torch.long) for b, k in enumerate(keep)])
+    src = torch.cat([k.cpu().long() + w for k in keep])
+    dst = torch.cat([torch.arange(int(rows.length[b]), int(rows.length[b]) + k.numel()) for b, k in enumerate(keep)])
+    end = new.write_at
+    for layer in cache.layers:
+        dev = layer.keys.device
+        r, s_, d = row_idx.to(dev), src.to(dev), dst.to(dev)
+        if bool((s_ != d).any()):
+            layer.keys[r, :, d] = layer.keys[r, :, s_]  # the right side is a copy: overlap-safe
+            layer.values[r, :, d] = layer.values[r, :, s_]
+        if isinstance(layer, StaticLayer):
+            layer.cumulative_length.fill_(end)
+        elif isinstance(layer, DynamicLayer):
+            layer.crop(-(layer.keys.shape[-2] - end))
+        else:
+            raise TypeError(f"cannot compact cache layer {type(layer).__name__}")
+    return new
+
+
+def select_rows(cache, rows: list[int], layout: CacheRows) -> CacheRows:
+    """Keep only batch rows `rows` of the cache (finished rows leave the batch); returns their layout,
+    with the cache's length set to the longest kept row."""
+    idx = torch.tensor(rows, dtype=torch.long)
+    new = layout.select(rows)
+    end = new.write_at
+    for layer in cache.layers:
+        layer.keys = layer.keys[idx.to(layer.keys.device)]
+        layer.values = layer.values[idx.to(layer.values.device)]
+        if isinstance(layer, StaticLayer):
+            layer.batch_size = len(rows)
+            layer.cumulative_length.fill_(end)
+        elif isinstance(layer, DynamicLayer):
+            layer.crop(-(layer.keys.shape[-2] - end))
+        else:
+            raise TypeError(f"cannot select rows of cache layer {type(layer).__name__}")
+    return new

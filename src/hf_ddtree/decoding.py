@@ -21,7 +21,7 @@ from transformers.cache_utils import StaticCache
 from transformers.generation.stopping_criteria import StopStringCriteria, StoppingCriteriaList
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
-from .cache import compact, make_cache, mask_width
+from .cache import CacheRows, compact, compact_rows, make_cache, mask_width, select_rows
 from .compat import (CACHE_FIELD, cache_from_kwargs, cache_kwargs, compile_config_of, compile_requested, compiled_call,
                      gather_features, hidden_states_request)
 from .distributed import check_tensor_parallel, leader_tree, leader_token, leader_walk
@@ -29,7 +29,7 @@ from .drafter import DrafterSpec, is_dflash_drafter, validate_pair
 from .propose import (D2SD_ALTERNATIVES, D2SD_BOUNDARIES, D2SD_MAX_BRANCHES, D2SD_METHODS, DEFAULT_MAX_TREE_BUDGET,
                       DEFAULT_TREE_BUDGET, MAX_TREE_BUDGET, METHODS, Round, make_proposer)
 from .tree import Tree, build_chain
-from .verify import choose, verify_tree, walk
+from .verify import choose, row_processors, verify_trees, walk
 
 
 @dataclass
@@ -84,27 +84,27 @@ class _Clock:
         self.t = now
 
 
-def _check_inputs(model, input_ids: torch.Tensor, generation_config, model_kwargs: dict) -> None:
+def _check_inputs(model, input_ids: torch.Tensor, generation_config, model_kwargs: dict, logits_processor=None,
+                  streamer=None) -> None:
     """Refuse, before any forward, every generate() argument the tree loop cannot honour exactly."""
     # beams / return sequences first: generate() has already expanded the batch by them
     if getattr(generation_config, "num_beams", 1) not in (None, 1):
         raise ValueError("hf_ddtree does not combine with beam search: set num_beams=1.")
     if getattr(generation_config, "num_return_sequences", 1) not in (None, 1):
         raise ValueError("hf_ddtree returns one sequence: set num_return_sequences=1.")
-    if input_ids.shape[0] != 1:
-        raise ValueError(
-            f"hf_ddtree decodes one sequence at a time, got batch size {input_ids.shape[0]}. "
-            "Call generate() once per prompt (batching is not implemented yet)."
-        )
+    batch = input_ids.shape[0]
     embeds = model_kwargs.get("inputs_embeds")
     if embeds is None and input_ids.shape[1] == 0:
         raise ValueError(
-            "input_ids is empty (shape (1, 0)): pass at least one prompt token (e.g. [[tokenizer.bos_token_id]]), "
+            f"input_ids is empty (shape ({batch}, 0)): pass at least one prompt token (e.g. [[tokenizer.bos_token_id]]), "
             "or call generate() without input_ids to start from the model's bos_token_id."
         )
     if embeds is not None:
         if embeds.dim() != 3 or embeds.shape[0] != 1 or embeds.shape[1] == 0:
-            raise ValueError(f"inputs_embeds must have shape (1, P, hidden) with P >= 1, got {tuple(embeds.shape)}.")
+            raise ValueError(
+                f"inputs_embeds must have shape (1, P, hidden) with P >= 1, got {tuple(embeds.shape)}: hf_ddtree takes "
+                "inputs_embeds for one sequence; pass a batch as input_ids (left-padded, with attention_mask)."
+            )
         if input_ids.shape[1] not in (0, embeds.shape[1]):
             raise ValueError(
                 f"inputs_embeds covers {embeds.shape[1]} positions but input_ids has {input_ids.shape[1]}: pass "
@@ -112,7 +112,25 @@ def _check_inputs(model, input_ids: torch.Tensor, generation_config, model_kwarg
             )
     mask = model_kwargs.get("attention_mask")
     if mask is not None and not bool(mask.all()):
-        raise ValueError("hf_ddtree does not support padded inputs: pass the prompt without padding.")
+        if embeds is not None:
+            raise ValueError("hf_ddtree does not support a padded attention_mask with inputs_embeds: pass the prompt "
+                             "without padding.")
+        m = mask.to(torch.long)
+        if tuple(m.shape) != tuple(input_ids.shape) or not bool((m[:, 1:] >= m[:, :-1]).all()) or not bool(m[:, -1].all()):
+            raise ValueError(
+                "hf_ddtree needs left padding (every attention_mask row 0...0 1...1, the prompt's last token real): "
+                "this batch is right-padded or has holes. Tokenize with tokenizer.padding_side = 'left' "
+                "(as transformers recommends for decoder-only generation)."
+            )
+    if batch > 1:
+        from transformers.generation.logits_process import PrefixConstrainedLogitsProcessor
+
+        if any(isinstance(p, PrefixConstrainedLogitsProcessor) for p in (logits_processor or [])):
+            raise ValueError("prefix_allowed_tokens_fn reads the batch index of each row: hf_ddtree verifies rows one "
+                             "by one, so pass a batch of 1 with prefix_allowed_tokens_fn.")
+        if streamer is not None:
+            raise ValueError(f"a streamer takes one sequence, got a batch of {batch} (stock generate() refuses it too): "
+                             "drop streamer, or call generate() once per prompt.")
     if generation_config.output_attentions or generation_config.output_hidden_states:
         raise ValueError("hf_ddtree cannot return attentions or hidden states: drop output_attentions/output_hidden_states.")
     guidance = getattr(generation_config, "guidance_scale", None)
@@ -156,7 +174,7 @@ def _resolve_budget(method: str, tree_budget, block_size: int) -> int:
 @torch.no_grad()
 def speculative_decoding(
     model,
-    input_ids: torch.LongTensor,  # (1, P)
+    input_ids: torch.LongTensor,  # (B, P), left-padded when B > 1 and lengths differ
     logits_processor=None,
     stopping_criteria=None,
     generation_config=None,
@@ -196,7 +214,7 @@ def speculative_decoding(
     same options (dynamic shapes); pad_tree and the preallocated mask buffer are then on, so one verify
     graph serves every round. The prefill stays eager, like stock.
     """
-    _check_inputs(model, input_ids, generation_config, model_kwargs)
+    _check_inputs(model, input_ids, generation_config, model_kwargs, logits_processor, streamer)
     spec: DrafterSpec = validate_pair(model, drafter)
     spec2 = validate_pair(model, drafter2) if method in D2SD_METHODS else None
     device = input_ids.device
@@ -205,11 +223,19 @@ def speculative_decoding(
     hidden_idx = spec.hidden_state_indices
     max_nodes = _resolve_budget(method, tree_budget, spec.block_size)
     tp = check_tensor_parallel(model, input_ids, generation_config, (drafter, drafter2), max_nodes, method)  # None unless tp_plan
+    B = input_ids.shape[0]
+    stopping_criteria = stopping_criteria if stopping_criteria is not None else StoppingCriteriaList()
+    # Like stock: with an EOS criterion a finished row is padded with pad_token_id (and leaves the batch here); without
+    # one a finished row keeps generating real tokens until every row has finished.
+    has_eos = any(hasattr(c, "eos_token_id") for c in stopping_criteria)
+    pad_id = getattr(generation_config, "_pad_token_tensor", None)
+    pad_id = int(pad_id) if pad_id is not None else generation_config.pad_token_id
+    if B > 1 and has_eos and pad_id is None:
+        raise ValueError("a batch with an EOS stop needs pad_token_id for the rows that finish first: pass "
+                         "pad_token_id=... (stock generate() needs it too).")
 
     stats = DecodeStats()
     clock = _Clock(stats, device, collect_timing)
-    scores_out: list[torch.Tensor] = []
-    logits_out: list[torch.Tensor] = []
     want_scores = bool(generation_config.return_dict_in_generate and generation_config.output_scores)
     want_logits = bool(generation_config.return_dict_in_generate and generation_config.output_logits)
 
@@ -218,44 +244,87 @@ def speculative_decoding(
     # tokens then); `offset` is the number of cache positions in front of ids[0]
     embeds = model_kwargs.get("inputs_embeds")
     offset = embeds.shape[1] - input_ids.shape[1] if embeds is not None else 0
+    attn = model_kwargs.get("attention_mask")
+    padded = attn is not None and not bool(attn.all())
+    left_pad = (attn == 0).sum(-1).cpu().long() if padded else torch.zeros(B, dtype=torch.long)  # (B,)
 
-    def finish(ids: torch.Tensor):
+    # Per row, by ORIGINAL row index b: its sequence so far (1, L_b) as stock holds it (prompt padding included),
+    # processed scores / raw logits per new token, tokens committed per round, and the length it may reach.
+    seqs: list[torch.Tensor] = [input_ids[b:b + 1] for b in range(B)]
+    row_scores: list[list[torch.Tensor]] = [[] for _ in range(B)]  # (1, V) each
+    row_logits: list[list[torch.Tensor]] = [[] for _ in range(B)]
+    row_acceptance: list[list[int]] = [[] for _ in range(B)]
+    end_len = [max_length] * B
+    stopped: list[int | None] = [None] * B  # length at which a stopping criterion fired
+    active = list(range(B))  # original indices of the rows still decoding, in batch order
+
+    def finish():
         if streamer is not None:
             streamer.end()
-        if generation_config.return_dict_in_generate:
-            if cache is not None:  # like stock's: the K/V of every token but the last (no tree slots, no cut path)
-                compact(cache, offset + ids.shape[1] - 1, ids.new_empty(0))
-            return DDTreeGenerateOutput(
-                sequences=ids,
-                scores=tuple(scores_out) if want_scores else None,
-                logits=tuple(logits_out) if want_logits else None,
-                **{CACHE_FIELD: cache},
-                acceptance_lengths=list(stats.acceptance_lengths),
-                stats=stats,
-            )
-        return ids
+        P0 = input_ids.shape[1]
+        if B == 1:
+            ids = seqs[0]
+        else:
+            width = max(min(seq.shape[1], end_len[b]) for b, seq in enumerate(seqs))
+            fill = pad_id if pad_id is not None else 0
+            ids = input_ids.new_full((B, width), fill)
+            for b, seq in enumerate(seqs):
+                n = min(seq.shape[1], width)
+                ids[b, :n] = seq[0, :n]
+        if not generation_config.return_dict_in_generate:
+            return ids
+        out_cache = None
+        if B == 1 and cache is not None:  # like stock's: the K/V of every token but the last (no tree slots, no cut path)
+            compact(cache, offset + ids.shape[1] - 1, ids.new_empty(0))
+            out_cache = cache
 
-    def commit(ids: torch.Tensor, new_tokens: list[int], rows: list[int], scores, raw) -> tuple[torch.Tensor, bool]:
-        """Append tokens one by one, checking stopping criteria after each (exactly like stock)."""
-        done = False
-        added = []
+        def steps(per_row):  # tuple over new tokens of (B, V); a finished row shows its pad as certain
+            if B == 1:
+                return tuple(per_row[0])
+            V = next(t for r in per_row for t in r).shape[-1]
+            pad_row = torch.full((1, V), float("-inf"), device=device)
+            if pad_id is not None:
+                pad_row[0, pad_id] = 0.0
+            return tuple(torch.cat([r[t] if t < len(r) else pad_row for r in per_row]) for t in range(ids.shape[1] - P0))
+
+        return DDTreeGenerateOutput(
+            sequences=ids,
+            scores=steps(row_scores) if want_scores else None,
+            logits=steps(row_logits) if want_logits else None,
+            **{CACHE_FIELD: out_cache},
+            acceptance_lengths=list(row_acceptance[0]) if B == 1 else [list(a) for a in row_acceptance],
+            stats=stats,
+        )
+
+    def commit(b: int, new_tokens: list[int], scores: list[torch.Tensor], raw: list[torch.Tensor]) -> int:
+        """Append row b's tokens one by one, checking the stopping criteria after each exactly as stock does
+        for that row (on its own (1, L) ids and its scores so far). Returns the number appended."""
+        seq, added = seqs[b], []
         for j, tok in enumerate(new_tokens):
-            ids = torch.cat([ids, ids.new_tensor([[tok]])], dim=-1)
+            if seq.shape[1] >= end_len[b]:
+                break
+            seq = torch.cat([seq, seq.new_tensor([[tok]])], dim=-1)
             added.append(tok)
             if want_scores:
-                scores_out.append(scores[rows[j]][None])
+                row_scores[b].append(scores[j][None])
             if want_logits:
-                logits_out.append(raw[rows[j]][None].float())
-            # stock passes its scores tuple (all processed scores so far) when output_scores, else None
-            if bool(stopping_criteria(ids, tuple(scores_out) if want_scores else None).all()):
-                done = True
-                break
+                row_logits[b].append(raw[j][None].float())
+            if stopped[b] is None:
+                # stock passes its scores tuple (all processed scores so far) when output_scores, else None
+                if bool(stopping_criteria(seq, tuple(row_scores[b]) if want_scores else None).all()):
+                    stopped[b] = seq.shape[1]
+                    if has_eos or B == 1:
+                        end_len[b] = seq.shape[1]
+                    elif all(x is not None for x in stopped):  # the last row stopped: that is every row's length
+                        for r in range(B):
+                            end_len[r] = seq.shape[1]
+        seqs[b] = seq
         if streamer is not None and added:
             streamer.put(torch.tensor(added, dtype=torch.long))
-        return ids, done
+        return len(added)
 
     if input_ids.shape[1] >= max_length:
-        return finish(input_ids)
+        return finish()
 
     cache = make_cache(model, generation_config.cache_implementation or "static", offset + max_length + 1 + max_nodes)
     compile_config = compile_forwards(model, generation_config)  # None: eager
@@ -267,18 +336,27 @@ def speculative_decoding(
     # ---- prefill: the prompt into the cache, the first token from the target -----------------
     prompt = dict(inputs_embeds=embeds) if embeds is not None else dict(input_ids=input_ids)
     P = offset + input_ids.shape[1]
+    if padded:  # stock's positions for a left-padded batch; its 2D mask
+        position_ids = (attn.long().cumsum(-1) - 1).masked_fill(attn == 0, 1)  # (B, P)
+        prompt["attention_mask"] = attn
+    else:
+        position_ids = torch.arange(P, device=device)[None].expand(B, -1)  # (B, P)
     out = model(
         **prompt,
-        position_ids=torch.arange(P, device=device)[None],
+        position_ids=position_ids,
         **cache_kwargs(model, cache),
         use_cache=True,
         output_hidden_states=hidden_states_request(hidden_idx),
         logits_to_keep=1,
     )
-    context = gather_features(out, hidden_idx)  # (B, P, F) pending drafter context
-    raw = out.logits[0, -1:].float()  # (1, V)
-    scores = logits_processor(input_ids, raw.clone()) if logits_processor else raw
-    ids, done = commit(input_ids, [leader_token(tp, lambda: choose(scores[0], do_sample))], [0], scores, raw)
+    layout = CacheRows(left_pad.clone(), torch.full((B,), P, dtype=torch.long))  # row b's live slots [pad_b, P)
+    feats = gather_features(out, hidden_idx)  # (B, P, F)
+    # the drafter's pending context: row b's features of its real tokens, left-aligned (B, C, F), C_b = P - pad_b
+    context, context_lengths = _left_align([feats[b, int(left_pad[b]):] for b in range(B)])
+    raw = out.logits[:, -1].float()  # (B, V)
+    scores = logits_processor(input_ids, raw.clone()) if logits_processor else raw  # stock's batched call
+    for b in range(B):
+        commit(b, [leader_token(tp, lambda: choose(scores[b], do_sample))], [scores[b]], [raw[b]])
     clock.lap("prefill_s")
 
     proposer = make_proposer(model, drafter, spec, method, max_nodes, drafter2=drafter2, spec2=spec2,
@@ -286,53 +364,86 @@ def speculative_decoding(
     observers = [proposer] if budget_policy is None else [proposer, budget_policy]
     # the accept walk; on a tensor-parallel target the leader walks and every rank takes its path
     accept = walk if tp is None else (lambda t, sc, smp: leader_walk(tp, lambda: walk(t, sc, smp), max_nodes))
-    rows = ids.shape[0]  # B (= 1: _check_inputs)
     mask_out = None  # with padding and a static cache every verify has one shape: reuse one mask buffer
-    if pad_tree and isinstance(cache, StaticCache):
-        kv_len = mask_width(cache, 0, max_nodes + 1)
-        mask_out = torch.empty(1, 1, max_nodes + 1, kv_len, dtype=model.dtype, device=device)
+    # one processor list per row (B > 1): processors with per-row state are narrowed to their row
+    procs = logits_processor if B == 1 else [row_processors(logits_processor, b) for b in range(B)]
 
-    while not done:
-        L = ids.shape[1]
-        past = torch.full((rows,), offset + L - 1, dtype=torch.long)  # (B,) cache positions; the roots are not cached yet
-        remaining = max_length - L  # new tokens still allowed after the root
-        rnd = Round(ids, context, past, depth_limit=min(spec.block_size - 1, remaining - 1))
+    while True:
+        # ---- retire finished rows: they leave the cache, the drafter and the proposer ----------------
+        keep = [i for i, b in enumerate(active) if seqs[b].shape[1] < end_len[b]]
+        if not keep:
+            break
+        if len(keep) < len(active):
+            layout = select_rows(cache, keep, layout)
+            proposer.select(keep)
+            context, context_lengths = context[keep], context_lengths[keep]
+            active = [active[i] for i in keep]
+            mask_out = None
 
-        # ---- draft + tree: the proposer's drafter forward(s), then its tree, cut by the policy ------
-        if rnd.depth_limit <= 0 or max_nodes == 0:
-            tree = build_chain(int(rnd.roots[0]), ids.new_empty(0))  # verify the root alone, no draft
+        rows = len(active)
+        lengths = [seqs[b].shape[1] for b in active]
+        L = max(lengths)
+        ids = input_ids.new_full((rows, L), pad_id if pad_id is not None else 0)  # (B, L) right-aligned
+        for i, b in enumerate(active):
+            ids[i, L - lengths[i]:] = seqs[b][0]
+        remaining = min(end_len[b] - n for b, n in zip(active, lengths))  # new tokens still allowed after the roots
+        rnd = Round(ids, context, layout.positions.clone(), min(spec.block_size - 1, remaining - 1), context_lengths)
+
+        # ---- draft + tree: the proposer's drafter forward(s), then one tree per row, cut by the policy --
+        drafted = rnd.depth_limit > 0 and max_nodes > 0
+        if not drafted:
+            trees = [build_chain(int(r), ids.new_empty(0)) for r in rnd.roots]  # verify the roots alone, no draft
         else:
-            drafted = proposer.draft(rnd)
+            drafts = proposer.draft(rnd)
             clock.lap("draft_s")
-            tree = proposer.build(rnd, drafted)
-            if budget_policy is not None:
-                tree = tree.truncate(budget_policy(tree))  # CaDDTree: the first n nodes, pop order
-            tree = leader_tree(tp, tree)  # tensor parallel: every rank verifies the leader's tree
-        if pad_tree:
-            tree = tree.pad_to(max_nodes + 1)
+            trees = proposer.build(rnd, drafts)
+            if budget_policy is not None:  # CaDDTree: the first n nodes (pop order), one n for the batch
+                n = budget_policy(trees[0] if rows == 1 else trees)
+                trees = [t.truncate(n) for t in trees]
+            if tp is not None:
+                trees = [leader_tree(tp, trees[0])]  # tensor parallel: every rank verifies the leader's tree
+        size = max_nodes + 1 if pad_tree else max(t.size for t in trees)
+        trees = [t.pad_to(size) for t in trees]
         clock.lap("tree_s")
 
-        # ---- verify: one target forward over the tree rows, ancestor-only mask, accept walk ---------
-        p0 = int(past[0])  # B = 1
-        v = verify_tree(model, tree, cache, p0, hidden_idx, logits_processor, ids, do_sample, mask_out, accept=accept,
-                        forward=forward)
-        accepted = [len(v.path) - 1]  # (B,) accepted draft tokens
+        # ---- verify: ONE target forward over every row's tree, ancestor-only masks, accept walks ------
+        if pad_tree and isinstance(cache, StaticCache) and mask_out is None:
+            mask_out = torch.empty(rows, 1, size, mask_width(cache, 0, size), dtype=model.dtype, device=device)
+        verified = verify_trees(model, trees, cache, layout, hidden_idx, procs if B == 1 else tuple(procs[b] for b in active),
+                                [seqs[b] for b in active],
+                                do_sample, mask_out, accept=accept, forward=forward)
+        accepted = [len(v.path) - 1 for v in verified]  # (B,) accepted draft tokens
         for observer in observers:
             observer.observe(accepted)  # CaDDTree calibrates its acceptance estimate
         clock.lap("verify_s")
 
-        # ---- accept: keep the path's K/V, append its tokens and the target's next token ------------
-        keep = torch.tensor(v.path, dtype=torch.long, device=device)
-        compact(cache, p0, keep)
-        context = v.features[keep][None]  # (B, k+1, F) features of the root and accepted nodes
-        new_tokens = tree.tokens[v.path[1:]].tolist() + [v.next_token]
-        before = ids.shape[1]
-        ids, done = commit(ids, new_tokens, v.path, v.scores, v.raw)
-        stats.acceptance_lengths.append(ids.shape[1] - before)  # committed only: a stop (EOS) mid-path drops the rest
-        stats.tree_sizes.append(tree.num_nodes)
+        # ---- accept: keep each row's path K/V, append its tokens and the target's next token ----------
+        paths = [torch.tensor(v.path, dtype=torch.long, device=device) for v in verified]
+        layout = compact_rows(cache, layout, paths)
+        new_context = [v.features[p] for v, p in zip(verified, paths)]  # (k_b + 1, F) root and accepted nodes
+        if not drafted:  # the drafter did not see last round's context: keep it in front
+            new_context = [torch.cat([context[i, :int(context_lengths[i])], c]) for i, c in enumerate(new_context)]
+        context, context_lengths = _left_align(new_context)
+        for i, b in enumerate(active):
+            v, tree = verified[i], trees[i]
+            new_tokens = tree.tokens[v.path[1:]].tolist() + [v.next_token]
+            n = commit(b, new_tokens, [v.scores[j] for j in v.path], [v.raw[j] for j in v.path])
+            row_acceptance[b].append(n)  # committed only: a stop (EOS) mid-path drops the rest
+            stats.acceptance_lengths.append(n)
+            stats.tree_sizes.append(tree.num_nodes)
         clock.lap("commit_s")
 
-    return finish(ids)
+    return finish()
+
+
+def _left_align(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ragged (C_b, F) tensors -> (B, max C_b, F) with row b in [:C_b] (zeros after), and (B,) long C_b."""
+    lengths = torch.tensor([r.shape[0] for r in rows], dtype=torch.long)
+    C = int(lengths.max())
+    out = rows[0].new_zeros((len(rows), C, rows[0].shape[-1]))
+    for b, r in enumerate(rows):
+        out[b, :r.shape[0]] = r
+    return out, lengths
 
 
 # ------------------------------------------------------------------------------------------------

@@ -110,7 +110,7 @@ def check_tensor_parallel(target, input_ids: torch.Tensor, generation_config, dr
 
     The checks are gathered over the ranks (one all_gather_object per call), so when one rank refuses
     (say its drafter sits on another device) every rank raises, instead of the others waiting in the
-    first forward. input_ids: (1, P) this rank's prompt. drafters: the DFlash drafter(s), None skipped.
+    first forward. input_ids: (B, P) this rank's prompt (B = 1 on a tensor-parallel target). drafters: the DFlash drafter(s), None skipped.
     """
     drafters = [d for d in drafters if d is not None]
     for d in drafters:
@@ -124,6 +124,9 @@ def check_tensor_parallel(target, input_ids: torch.Tensor, generation_config, dr
     if tp is None:
         return None
     problem = _local_problem(target, generation_config, drafters)
+    if problem is None and input_ids.shape[0] != 1:
+        problem = (f"a tensor-parallel target decodes one row at a time with hf_ddtree, got batch size {input_ids.shape[0]}: "
+                   "call generate() once per prompt (batched DDTree runs on single-process targets).")
     ids = input_ids.detach().to("cpu", torch.int64).contiguous()
     call = (int(ids.shape[1]), zlib.crc32(ids.numpy().tobytes()), int(generation_config.max_length),
             bool(generation_config.do_sample), int(max_nodes), str(method))

@@ -42,30 +42,44 @@ D2SD_MAX_BRANCHES = 64  # the largest d2sd_boundaries / d2sd_alternatives accept
 
 @dataclass
 class Round:
-    """What a proposer sees of one round. B rows (B = 1 for now).
+    """What a proposer sees of one round, for B rows (a batch; rows accept different numbers of
+    tokens, so they are ragged).
 
-    ids          (B, L) long: committed ids; ids[:, -1] are the roots, not yet in the target cache
-    context      (B, C, F): target features of committed tokens the drafter has not seen yet
-                 (positions past - C .. past - 1), F = len(target_layer_ids) * hidden_size
-    past         (B,) long: target-cache entries per row (= L - 1: the root sits at position past)
+    ids          (B, L) long: committed ids, right-aligned: every row ends with its root (not yet in
+                 the target cache), shorter rows are left-filled; row b's own tokens (its text, prompt
+                 padding excluded) are ids[b, L - past[b] - 1:]
+    context      (B, C, F): target features of committed tokens the drafter has not seen yet, row b's
+                 at context[b, :context_lengths[b]] for positions past[b] - context_lengths[b] ..
+                 past[b] - 1; F = len(target_layer_ids) * hidden_size
+    past         (B,) long: the root's position in each row (= real tokens before it)
     depth_limit  deepest node allowed this round (block_size - 1, or fewer near max_length)
+    context_lengths (B,) long, or None when every row has all C
     """
 
     ids: torch.Tensor
     context: torch.Tensor
     past: torch.Tensor
     depth_limit: int
+    context_lengths: torch.Tensor | None = None
+
+    @property
+    def rows(self) -> int:
+        return self.ids.shape[0]
 
     @property
     def roots(self) -> torch.Tensor:
         """(B,) long: the last committed token of each row."""
         return self.ids[:, -1]
 
-    def single(self) -> tuple[int, torch.Tensor, int]:
-        """(root, context (1, C, F), past) of the only row; ValueError for B > 1 (not implemented)."""
-        if self.ids.shape[0] != 1:
-            raise ValueError(f"proposers draft one row at a time, got {self.ids.shape[0]} rows.")
-        return int(self.ids[0, -1]), self.context, int(self.past[0])
+    def text(self, row: int) -> torch.Tensor:
+        """(past[row] + 1,) long: row `row`'s committed tokens, root last (no padding)."""
+        return self.ids[row, self.ids.shape[1] - int(self.past[row]) - 1:]
+
+    def lengths(self) -> torch.Tensor:
+        """(B,) long: context entries per row."""
+        if self.context_lengths is not None:
+            return self.context_lengths
+        return torch.full((self.rows,), 0 if self.context is None else self.context.shape[1], dtype=torch.long)
 
 
 class Proposer:
@@ -83,9 +97,16 @@ class Proposer:
     def observe(self, accepted: list[int]) -> None:
         """Accepted draft tokens of the last round, one entry per row."""
 
+    def select(self, rows: list[int]) -> None:
+        """Keep only these rows (in this order): the others finished and leave the batch."""
+
 
 class DrafterState:
-    """One DFlash drafter plus its context cache. `draft()` runs one forward over new context + blocks.
+    """One DFlash drafter plus its context cache, for B rows. `draft_rows()` runs one forward over
+    every row's new context and blocks.
+
+    The drafter cache holds, for row b, the projected K/V of positions [0, seen[b]) at slots
+    [0, seen[b]) (rows are ragged: a shorter row's slots past its end are stale and masked).
 
     forward: the callable that runs the drafter (default the drafter itself; a compiled call when the
     loop compiles, see `make_proposer(compile_config=...)`)."""
@@ -94,7 +115,7 @@ class DrafterState:
         self.drafter, self.spec, self.embed, self.lm_head = drafter, spec, embed, lm_head
         self.forward = forward or drafter
         self.cache = DynamicCache()
-        self.seen = 0  # positions [0, seen) are in the drafter cache
+        self.seen: torch.Tensor | None = None  # (B,): positions [0, seen[b]) are in row b's cache (None: no draft yet)
         self.device = next(drafter.parameters()).device
         self.dtype = next(drafter.parameters()).dtype
         # drafting vocabulary shortlist (hf_ddtree.draft_vocab): the head's rows for those ids only
@@ -112,65 +133,111 @@ class DrafterState:
             self.vocab_ids, self.head_weight, self.head_bias = cached[1:]  # (S,), (S, H), (S,) or None
 
     def draft(self, blocks: torch.Tensor, context: torch.Tensor, past: int) -> torch.Tensor:
-        """blocks: (K, bs) token ids of one row, each starting at position `past`; context: (1, C, F)
-        for positions [seen, past). Returns log-probs (K, bs - 1, V): [k, j] predicts position past + j + 1.
+        """One row: blocks (K, bs) token ids, each starting at position `past`; context (1, C, F) for
+        positions [seen, past). Returns log-probs (K, bs - 1, V) (see `draft_rows`)."""
+        return self.draft_rows(blocks[None], context, torch.tensor([int(past)]))[0]
+
+    def draft_rows(self, blocks: torch.Tensor, context: torch.Tensor, past: torch.Tensor,
+                   context_lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """blocks: (B, K, bs) token ids, row b's starting at position past[b]; context: (B, C, F), row
+        b's first context_lengths[b] entries (default all C) for positions [seen[b], past[b]).
+        Returns log-probs (B, K, bs - 1, V): [b, k, j] predicts position past[b] + j + 1.
         With a shortlist (`drafter.draft_vocab_ids`, S ids) they are normalised over those S ids and
         -inf for every other id."""
-        k, bs = blocks.shape
-        ctx_pos = torch.arange(self.seen, past, device=self.device)
-        blk_pos = torch.arange(past, past + bs, device=self.device).repeat(k)
-        pos = torch.cat([ctx_pos, blk_pos])[None]  # (1, C + K*bs)
+        B, K, bs = blocks.shape
+        C = context.shape[1]
+        past = past.to(torch.long).cpu()
+        clen = torch.full((B,), C, dtype=torch.long) if context_lengths is None else context_lengths.cpu().long()
+        if self.seen is None:
+            self.seen = torch.zeros(B, dtype=torch.long)
+        if self.seen.shape[0] != B:
+            raise ValueError(f"the drafter cache holds {self.seen.shape[0]} rows, got {B}: select() rows first.")
+        if not bool((self.seen + clen == past).all()):
+            raise ValueError(f"drafter context out of step: seen {self.seen.tolist()} + new {clen.tolist()} != past "
+                             f"{past.tolist()}.")
+        T = self.cache.get_seq_length()  # slots in the drafter cache (= max seen)
+        dev = self.device
+        ctx_pos = self.seen[:, None] + torch.arange(C)[None]  # (B, C); entries past clen[b] are padding
+        blk_pos = (past[:, None] + torch.arange(bs)[None]).repeat(1, K)  # (B, K*bs)
+        pos = torch.cat([ctx_pos, blk_pos], dim=1).to(dev)  # (B, C + K*bs)
+        ragged = bool((self.seen != T).any()) or bool((clen != C).any())
         mask = None
-        if k > 1:  # each block sees the whole context and only itself
-            width = self.seen + context.shape[1] + k * bs  # cached context + new context + blocks
-            mask = torch.full((1, 1, k * bs, width), torch.finfo(self.dtype).min, dtype=self.dtype, device=self.device)
-            mask[..., : width - k * bs] = 0
-            for b in range(k):
-                s = width - k * bs + b * bs
-                mask[0, 0, b * bs:(b + 1) * bs, s:s + bs] = 0
-        noise = self.embed(blocks.reshape(1, -1).to(self.embed.weight.device)).to(self.device)  # (1, K*bs, H)
+        if K > 1 or ragged:  # row b's blocks see its cached and new context, each block only itself
+            width = T + C + K * bs
+            slot = torch.arange(width)
+            ctx_ok = (slot[None] < self.seen[:, None]) | ((slot[None] >= T) & (slot[None] < T + clen[:, None]))  # (B, W)
+            q_blk = torch.arange(K * bs) // bs  # (K*bs,) block of each query
+            k_blk = (slot - T - C).div(bs, rounding_mode="floor")  # (W,) block of each key slot (< 0: context)
+            blk_ok = (slot[None] >= T + C) & (k_blk[None] == q_blk[:, None])  # (K*bs, W)
+            allowed = ctx_ok[:, None, :] | blk_ok[None]  # (B, K*bs, W)
+            mask = torch.where(allowed, 0.0, torch.finfo(self.dtype).min).to(dev, self.dtype)[:, None]
+        noise = self.embed(blocks.reshape(B, -1).to(self.embed.weight.device)).to(dev)  # (B, K*bs, H)
         hidden = self.forward(
             position_ids=pos,
-            attention_mask=mask,
+            attention_mask=mask,  # None or (B, 1, K*bs, T + C + K*bs)
             noise_embedding=noise,
-            target_hidden=context.to(self.device),  # (1, C, F)
+            target_hidden=context.to(dev),  # (B, C, F)
             **cache_kwargs(self.drafter, self.cache),
             use_cache=True,
             is_causal=False,
-        )  # (1, K*bs, H)
-        self.cache.crop(-k * bs)  # keep the context, drop the blocks
-        self.seen = past
-        hidden = hidden.reshape(k, bs, -1)[:, 1:]  # (K, bs-1, H)
+        )  # (B, K*bs, H)
+        self.cache.crop(-K * bs)  # keep the context, drop the blocks
+        if ragged:  # row b's new context to slots [seen[b], seen[b] + clen[b]): rows stay left-aligned
+            from .cache import CacheRows, compact_rows
+
+            keep = [torch.arange(int(n)) for n in clen]
+            compact_rows(self.cache, CacheRows(torch.zeros(B, dtype=torch.long), self.seen.clone()), keep)
+        self.seen = past.clone()
+        hidden = hidden.reshape(B, K, bs, -1)[:, :, 1:]  # (B, K, bs-1, H)
         hidden = hidden.to(self.lm_head.weight.device, self.lm_head.weight.dtype)
         if self.vocab_ids is None:
             return torch.log_softmax(self.lm_head(hidden).float(), dim=-1)
         # shortlist: logits for S ids, renormalised over them; every other id gets -inf
-        short = torch.log_softmax(F.linear(hidden, self.head_weight, self.head_bias).float(), dim=-1)  # (K, bs-1, S)
+        short = torch.log_softmax(F.linear(hidden, self.head_weight, self.head_bias).float(), dim=-1)  # (B, K, bs-1, S)
         out = short.new_full((*short.shape[:-1], self.lm_head.weight.shape[0]), float("-inf"))
-        return out.index_copy_(-1, self.vocab_ids, short)  # (K, bs-1, V)
+        return out.index_copy_(-1, self.vocab_ids, short)  # (B, K, bs-1, V)
+
+    def select(self, rows: list[int]) -> None:
+        """Keep only these rows of the drafter cache."""
+        if self.seen is None:  # nothing drafted yet
+            return
+        idx = torch.tensor(rows, dtype=torch.long)
+        self.seen = self.seen[idx]
+        end = int(self.seen.max()) if len(rows) else 0
+        for layer in self.cache.layers:
+            if getattr(layer, "keys", None) is None or layer.keys.numel() == 0:
+                continue
+            layer.keys = layer.keys[idx.to(layer.keys.device)][..., :end, :]
+            layer.values = layer.values[idx.to(layer.values.device)][..., :end, :]
 
 
 class DFlashProposer(Proposer):
     """DDTree (`method="ddtree"`/`"auto"`: the best-first tree of `max_nodes` nodes) or the DFlash
-    chain (`method="dflash"`) from one drafter."""
+    chain (`method="dflash"`) from one drafter; one drafter forward for all rows, one tree per row."""
 
     def __init__(self, state: DrafterState, method: str, max_nodes: int):
         self.state, self.method, self.max_nodes = state, method, max_nodes
-        self.block = torch.full((1, state.spec.block_size), state.spec.mask_token_id, dtype=torch.long)
 
     def draft(self, round: Round) -> torch.Tensor:
-        """(D, V) log-probs, D = round.depth_limit: row d predicts depth d + 1."""
-        root, context, past = round.single()
-        self.block[0, 0] = root
-        return self.state.draft(self.block, context, past)[0, :round.depth_limit]
+        """(B, D, V) log-probs, D = round.depth_limit: [b, d] predicts depth d + 1 of row b."""
+        blocks = torch.full((round.rows, 1, self.state.spec.block_size), self.state.spec.mask_token_id, dtype=torch.long)
+        blocks[:, 0, 0] = round.roots.cpu()
+        lp = self.state.draft_rows(blocks, round.context, round.past, round.context_lengths)  # (B, 1, bs-1, V)
+        return lp[:, 0, :round.depth_limit]
 
-    def build(self, round: Round, logprobs: torch.Tensor) -> Tree:
-        root = int(round.roots[0])
+    def build(self, round: Round, logprobs: torch.Tensor) -> list[Tree]:
+        """One tree per row from (B, D, V) log-probs."""
+        roots = round.roots.tolist()
         if self.method == "dflash":
             best = logprobs.max(-1)
-            return build_chain(root, best.indices.cpu(), best.values.cpu())
-        top_lp, top_ids = topk_per_position(logprobs, self.max_nodes)
-        return build_tree(root, top_lp.cpu(), top_ids.cpu(), self.max_nodes)
+            vals, idx = best.values.cpu(), best.indices.cpu()
+            return [build_chain(r, idx[b], vals[b]) for b, r in enumerate(roots)]
+        top_lp, top_ids = topk_per_position(logprobs, self.max_nodes)  # (B, D, k)
+        top_lp, top_ids = top_lp.cpu(), top_ids.cpu()
+        return [build_tree(r, top_lp[b], top_ids[b], self.max_nodes) for b, r in enumerate(roots)]
+
+    def select(self, rows: list[int]) -> None:
+        self.state.select(rows)
 
 
 def rejection_boundaries(chain_logprobs: torch.Tensor, k: int) -> torch.Tensor:
@@ -201,8 +268,9 @@ class D2SDDraft:
 
 class D2SDProposer(Proposer):
     """D^2SD: drafter 1 drafts a block; at the K likeliest rejection depths a second, variable-prefix
-    drafter re-anchors on [chain prefix, alternative token] (all K*A blocks in ONE batched forward)
-    and proposes fresh continuations; everything is merged into one prefix tree of <= max_nodes.
+    drafter re-anchors on [chain prefix, alternative token] (all rows' K*A blocks in ONE batched
+    forward) and proposes fresh continuations; everything is merged into one prefix tree of
+    <= max_nodes per row.
 
     method "d2sd": drafter 1's chain plus the re-anchored branches.
     method "d2sd-tree" (hybrid): drafter 1's DDTree heap plus the branches, ranked by one surrogate
@@ -214,31 +282,40 @@ class D2SDProposer(Proposer):
         validate_d2sd_pair(state1.spec, state2.spec)
         self.s1, self.s2, self.method, self.max_nodes = state1, state2, method, max_nodes
         self.boundaries, self.alternatives = boundaries, alternatives
-        self.block1 = torch.full((1, state1.spec.block_size), state1.spec.mask_token_id, dtype=torch.long)
 
-    def draft(self, round: Round) -> D2SDDraft:
-        root, context, past = round.single()
-        D, A = round.depth_limit, self.alternatives
-        self.block1[0, 0] = root
-        lp1 = self.s1.draft(self.block1, context, past)[0, :D]  # (D, V)
-        chain_lp, chain_ids = lp1.max(-1)  # (D,), (D,)
-        js = rejection_boundaries(chain_lp, self.boundaries)  # (K,) depth indices
-        alt_lp, alt_ids = torch.topk(lp1[js], A + 1, dim=-1)  # (K, A+1); rank 0 is the chain token
-        alt_lp, alt_ids = alt_lp[:, 1:], alt_ids[:, 1:]
+    def draft(self, round: Round) -> list[D2SDDraft]:
+        """One `D2SDDraft` per row."""
+        B, D, A = round.rows, round.depth_limit, self.alternatives
+        roots = round.roots.cpu()
+        block1 = torch.full((B, 1, self.s1.spec.block_size), self.s1.spec.mask_token_id, dtype=torch.long)
+        block1[:, 0, 0] = roots
+        lp1 = self.s1.draft_rows(block1, round.context, round.past, round.context_lengths)[:, 0, :D]  # (B, D, V)
+        chain_lp, chain_ids = lp1.max(-1)  # (B, D), (B, D)
+        per_row = []
+        for b in range(B):
+            js = rejection_boundaries(chain_lp[b], self.boundaries)  # (K,) depth indices
+            alt_lp, alt_ids = torch.topk(lp1[b, js], A + 1, dim=-1)  # (K, A+1); rank 0 is the chain token
+            per_row.append((js, alt_lp[:, 1:], alt_ids[:, 1:]))
 
-        # drafter 2: one block per (boundary j, alternative): [root, chain[:j], alt, mask, ...]
+        # drafter 2: one block per (row, boundary j, alternative): [root, chain[:j], alt, mask, ...]
         bs2 = self.s2.spec.block_size
-        branches = [(k, j, a) for k, j in enumerate(js.tolist()) for a in range(A)]  # row b of drafter 2
-        blocks = torch.full((len(branches), bs2), self.s2.spec.mask_token_id, dtype=torch.long)
-        blocks[:, 0] = root
-        for b, (k, j, a) in enumerate(branches):
-            blocks[b, 1:j + 1] = chain_ids[:j].cpu()
-            blocks[b, j + 1] = alt_ids[k, a]
-        lp2 = self.s2.draft(blocks, context, past)  # (K*A, bs2-1, V)
-        return D2SDDraft(lp1, chain_lp, chain_ids, alt_lp, alt_ids, branches, lp2)
+        K = per_row[0][0].numel()  # the same for every row (min(boundaries, D))
+        branches = [[(k, j, a) for k, j in enumerate(js.tolist()) for a in range(A)] for js, _, _ in per_row]
+        blocks = torch.full((B, K * A, bs2), self.s2.spec.mask_token_id, dtype=torch.long)
+        blocks[:, :, 0] = roots[:, None]
+        cids = chain_ids.cpu()
+        for b in range(B):
+            for i, (k, j, a) in enumerate(branches[b]):
+                blocks[b, i, 1:j + 1] = cids[b, :j]
+                blocks[b, i, j + 1] = per_row[b][2][k, a]
+        lp2 = self.s2.draft_rows(blocks, round.context, round.past, round.context_lengths)  # (B, K*A, bs2-1, V)
+        return [D2SDDraft(lp1[b], chain_lp[b], chain_ids[b], per_row[b][1], per_row[b][2], branches[b], lp2[b])
+                for b in range(B)]
 
-    def build(self, round: Round, d: D2SDDraft) -> Tree:
-        root, D = int(round.roots[0]), round.depth_limit
+    def build(self, round: Round, drafted: list[D2SDDraft]) -> list[Tree]:
+        return [self._build_row(int(root), round.depth_limit, d) for root, d in zip(round.roots.tolist(), drafted)]
+
+    def _build_row(self, root: int, D: int, d: D2SDDraft) -> Tree:
         cl = d.chain_ids.tolist()
         paths: list[tuple[list[int], list[float]]]
         if self.method == "d2sd-tree":
@@ -253,59 +330,93 @@ class D2SDProposer(Proposer):
             paths.append((toks, lps))
         return merge_paths(root, paths, self.max_nodes)
 
+    def select(self, rows: list[int]) -> None:
+        self.s1.select(rows)
+        self.s2.select(rows)
 
-class LookupProposer(DFlashProposer):
-    """DDTree plus lookup candidates (`method="ddtree-lookup"`): the drafter's best-first heap and
-    n-gram continuations of the committed text (`lookup.py`: prompt + generated so far) merged into
-    one tree of `max_nodes` nodes, verified in the same target forward. Lookup nodes carry calibrated
-    acceptance probabilities as scores, so a budget policy (CaDDTree, applied by the loop) counts
-    them in its expected acceptance like drafter nodes.
 
-    `build` reads `round.ids`: the tokens committed since the previous round calibrate the lookup
-    acceptance rates (`LookupCalibrator`), then the index is extended with them (O(new tokens)).
-    """
+class _LookupRow:
+    """One row's lookup state: its index over the committed text and its acceptance calibration."""
 
-    def __init__(self, state: DrafterState, max_nodes: int, index: LookupIndex | None = None,
-                 calibrator: LookupCalibrator | None = None):
-        super().__init__(state, "ddtree", max_nodes)
-        self.index = LookupIndex() if index is None else index
-        self.calibrator = LookupCalibrator(self.index.max_ngram) if calibrator is None else calibrator
+    def __init__(self, like: LookupIndex | None = None):
+        self.index = LookupIndex() if like is None else LookupIndex(like.max_ngram, like.min_ngram, like.num_candidates)
+        self.calibrator = LookupCalibrator(self.index.max_ngram)
         self.pending: list = []  # last round's candidates, scored once the next round shows what was committed
         self.pending_at = 0  # text length when they were proposed
-        self.proposed = 0  # lookup candidates offered so far
 
-    def build(self, round: Round, logprobs: torch.Tensor) -> Tree:
-        """logprobs: (D, V) from `draft`. The merged tree of drafter and lookup paths."""
-        if round.ids.shape[0] != 1:
-            raise ValueError(f"the lookup proposer reads one row at a time, got {round.ids.shape[0]} rows.")
-        self._sync(round.ids[0])
-        if self.pending:
-            self.calibrator.observe(self.pending, self.index.text[self.pending_at:])
-            self.pending = []
-        root, depth = int(round.roots[0]), logprobs.shape[0]
-        cands = self.index.candidates(depth)
-        paths = []
-        if cands:
-            rows = torch.tensor([d for c in cands for d in range(len(c.tokens))], dtype=torch.long)
-            cols = torch.tensor([t for c in cands for t in c.tokens], dtype=torch.long)
-            flat = logprobs[rows.to(logprobs.device), cols.to(logprobs.device)].tolist()  # drafter log q_d(t)
-            logq, at = [], 0
-            for c in cands:
-                logq.append(flat[at:at + len(c.tokens)])
-                at += len(c.tokens)
-            paths = candidate_paths(cands, logq, [self.calibrator.token_logprobs(c) for c in cands])
-            self.pending, self.pending_at = cands, len(self.index)
-            self.proposed += len(cands)
-        top_lp, top_ids = topk_per_position(logprobs, self.max_nodes)
-        return lookup_tree(root, top_lp.cpu(), top_ids.cpu(), paths, self.max_nodes)
-
-    def _sync(self, ids: torch.Tensor) -> None:
+    def sync(self, ids: torch.Tensor) -> None:
         """ids: (L,) the committed tokens of the row."""
         n, L = len(self.index), ids.shape[0]
         if n and L >= n and int(ids[n - 1]) == self.index.text[-1]:
             self.index.extend(ids[n:].tolist())  # O(new tokens)
         else:
             self.index.sync(ids.tolist())  # first call (or a different sequence): index it all
+
+
+class LookupProposer(DFlashProposer):
+    """DDTree plus lookup candidates (`method="ddtree-lookup"`): per row, the drafter's best-first heap
+    and n-gram continuations of that row's committed text (`lookup.py`: prompt + generated so far)
+    merged into one tree of `max_nodes` nodes, verified in the same target forward. Lookup nodes
+    carry calibrated acceptance probabilities as scores, so a budget policy (CaDDTree, applied by
+    the loop) counts them in its expected acceptance like drafter nodes.
+
+    `build` reads `round.text(b)`: the tokens committed since the previous round calibrate the row's
+    lookup acceptance rates (`LookupCalibrator`), then its index is extended with them (O(new tokens)).
+    """
+
+    def __init__(self, state: DrafterState, max_nodes: int, index: LookupIndex | None = None,
+                 calibrator: LookupCalibrator | None = None):
+        super().__init__(state, "ddtree", max_nodes)
+        first = _LookupRow()
+        if index is not None:
+            first.index = index
+        first.calibrator = LookupCalibrator(first.index.max_ngram) if calibrator is None else calibrator
+        self.rows = [first]
+        self.proposed = 0  # lookup candidates offered so far
+
+    @property
+    def index(self) -> LookupIndex:
+        """Row 0's index (the only one for B = 1)."""
+        return self.rows[0].index
+
+    @property
+    def calibrator(self) -> LookupCalibrator:
+        return self.rows[0].calibrator
+
+    def build(self, round: Round, logprobs: torch.Tensor) -> list[Tree]:
+        """logprobs: (B, D, V) from `draft`. Per row, the merged tree of drafter and lookup paths."""
+        while len(self.rows) < round.rows:  # first round of a batch
+            self.rows.append(_LookupRow(self.rows[0].index))
+        top_lp, top_ids = topk_per_position(logprobs, self.max_nodes)  # (B, D, k)
+        top_lp, top_ids = top_lp.cpu(), top_ids.cpu()
+        return [self._build_row(self.rows[b], round.text(b), logprobs[b], top_lp[b], top_ids[b])
+                for b in range(round.rows)]
+
+    def _build_row(self, row: _LookupRow, text: torch.Tensor, logprobs: torch.Tensor, top_lp, top_ids) -> Tree:
+        row.sync(text)
+        if row.pending:
+            row.calibrator.observe(row.pending, row.index.text[row.pending_at:])
+            row.pending = []
+        root, depth = int(text[-1]), logprobs.shape[0]
+        cands = row.index.candidates(depth)
+        paths = []
+        if cands:
+            rr = torch.tensor([d for c in cands for d in range(len(c.tokens))], dtype=torch.long)
+            cols = torch.tensor([t for c in cands for t in c.tokens], dtype=torch.long)
+            flat = logprobs[rr.to(logprobs.device), cols.to(logprobs.device)].tolist()  # drafter log q_d(t)
+            logq, at = [], 0
+            for c in cands:
+                logq.append(flat[at:at + len(c.tokens)])
+                at += len(c.tokens)
+            paths = candidate_paths(cands, logq, [row.calibrator.token_logprobs(c) for c in cands])
+            row.pending, row.pending_at = cands, len(row.index)
+            self.proposed += len(cands)
+        return lookup_tree(root, top_lp, top_ids, paths, self.max_nodes)
+
+    def select(self, rows: list[int]) -> None:
+        super().select(rows)
+        if len(self.rows) > 1:
+            self.rows = [self.rows[r] for r in rows]
 
 
 def make_proposer(target, drafter, spec: DrafterSpec, method: str, max_nodes: int, *, drafter2=None,

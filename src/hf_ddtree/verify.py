@@ -15,6 +15,7 @@ import torch
 from transformers.generation.logits_process import (
     LogitsProcessorList,
     MinPLogitsWarper,
+    RepetitionPenaltyLogitsProcessor,
     TemperatureLogitsWarper,
     TopKLogitsWarper,
     TopPLogitsWarper,
@@ -23,7 +24,7 @@ from transformers.generation.logits_process import (
     EtaLogitsWarper,
 )
 
-from .cache import mask_width, tree_attention_masks
+from .cache import CacheRows, mask_width, tree_attention_masks_rows
 from .compat import cache_kwargs, gather_features, hidden_states_request
 from .tree import Tree
 
@@ -52,47 +53,97 @@ class Verified:
 
 def run_tree(target, tree: Tree, cache, past_len: int, hidden_indices: list[int] | None,
              mask_out: torch.Tensor | None = None, forward=None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One target forward over the tree's N rows (root, nodes, padding) written at cache slots
-    [past_len, past_len + N).
+    """One target forward over one unpadded row's tree (root, nodes, padding) written at cache slots
+    [past_len, past_len + N): `run_trees` with B = 1. Returns logits (N, V) and features (N, F) or None."""
+    logits, features = run_trees(target, [tree], cache, CacheRows.single(past_len), hidden_indices, mask_out, forward)
+    return logits[0], None if features is None else features[0]
 
-    mask_out: optional preallocated (1, 1, N, kv_len) mask buffer, rewritten in place (fixed shapes).
+
+def run_trees(target, trees: list[Tree], cache, rows: CacheRows, hidden_indices: list[int] | None,
+              mask_out: torch.Tensor | None = None, forward=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """ONE target forward over B trees of the same size N (pad them first: `Tree.pad_to`), row b's
+    tree written at slots [rows.write_at, + N) of cache row b, node i of row b at position
+    rows.positions[b] + depth, each node seeing its row's live cache and its own ancestors only.
+
+    mask_out: optional preallocated (B, 1, N, kv_len) mask buffer, rewritten in place (fixed shapes).
     forward: the callable that runs the target (default `target` itself; the loop passes the target's
     compiled call, `compat.compiled_call`, when generate()'s compile criteria hold).
-    Returns logits (N, V) and the selected hidden states concatenated (N, F) (or None).
+    Returns logits (B, N, V) and the selected hidden states concatenated (B, N, F) (or None).
     """
     device = target.device
-    n = tree.size
-    ids = tree.tokens.to(device)[None]  # (1, N)
-    position_ids = (tree.depths.to(device) + past_len)[None]  # (1, N)
-    mask = tree_attention_masks(target.config, tree.visibility(device), tree.depths, past_len,
-                                mask_width(cache, past_len, n), target.dtype, device,
-                                num_real=n - tree.pad, out=mask_out)
+    n = trees[0].size
+    if any(t.size != n for t in trees):
+        raise ValueError(f"run_trees needs trees of one size (pad them), got sizes {[t.size for t in trees]}.")
+    ids = torch.stack([t.tokens for t in trees]).to(device)  # (B, N)
+    depths = torch.stack([t.depths for t in trees])  # (B, N)
+    position_ids = depths.to(device) + rows.positions.to(device)[:, None]  # (B, N)
+    visibility = torch.stack([t.visibility(device) for t in trees])  # (B, N, N)
+    num_real = torch.tensor([t.size - t.pad for t in trees])
+    mask = tree_attention_masks_rows(target.config, visibility, depths, rows, mask_width(cache, rows.write_at, n),
+                                     target.dtype, device, num_real=num_real, out=mask_out)
     out = (forward or target)(
         input_ids=ids,
         position_ids=position_ids,
-        attention_mask=mask,  # (1, 1, N, kv_len), or {layer type: mask} for hybrid targets
+        attention_mask=mask,  # (B, 1, N, kv_len), or {layer type: mask} for hybrid targets
         **cache_kwargs(target, cache),
         use_cache=True,
         output_hidden_states=hidden_states_request(hidden_indices),
     )
     features = None
     if hidden_indices:
-        features = gather_features(out, hidden_indices)[0]  # (N, F)
-    return out.logits[0], features  # (N, V)
+        features = gather_features(out, hidden_indices)  # (B, N, F)
+    return out.logits, features  # (B, N, V)
 
 
 def verify_tree(target, tree: Tree, cache, past_len: int, hidden_indices: list[int] | None, logits_processor,
                 prefix: torch.Tensor, do_sample: bool, mask_out: torch.Tensor | None = None,
                 accept=None, forward=None) -> Verified:
-    """A round's verification: `run_tree`, the processors per node, and the accept walk.
+    """A round's verification for one unpadded row (`verify_trees` with B = 1).
     prefix: (1, L) committed ids ending with the root. The cache is left holding the whole tree:
-    `cache.compact(cache, past_len, path)` keeps the accepted path. accept: the walk,
+    `cache.compact(cache, past_len, path)` keeps the accepted path."""
+    return verify_trees(target, [tree], cache, CacheRows.single(past_len), hidden_indices, logits_processor,
+                        [prefix], do_sample, mask_out, accept, forward)[0]
+
+
+def verify_trees(target, trees: list[Tree], cache, rows: CacheRows, hidden_indices: list[int] | None,
+                 logits_processor, prefixes: list[torch.Tensor], do_sample: bool,
+                 mask_out: torch.Tensor | None = None, accept=None, forward=None) -> list[Verified]:
+    """A round's verification of B rows: `run_trees` (one forward), then per row the processors per
+    node and the accept walk. prefixes[b]: (1, L_b) row b's committed ids ending with its root (what
+    stock generate() would pass the processors for that row, left padding included). The cache is
+    left holding every tree: `cache.compact_rows` keeps the accepted paths. logits_processor: one list for
+    every row, or a tuple of B of them (`row_processors`). accept: the walk,
     `(tree, scores, do_sample) -> (path, next_token)` (default `walk`; tensor-parallel targets pass
-    one that walks on the leader and broadcasts). forward: see `run_tree`."""
-    raw, features = run_tree(target, tree, cache, past_len, hidden_indices, mask_out, forward)
-    scores = process_scores(logits_processor, prefix, tree, raw)
-    path, nxt = (accept or walk)(tree, scores, do_sample)
-    return Verified(raw, scores, features, path, nxt)
+    one that walks on the leader and broadcasts). forward: see `run_trees`."""
+    raw, features = run_trees(target, trees, cache, rows, hidden_indices, mask_out, forward)
+    out = []
+    for b, tree in enumerate(trees):
+        procs = logits_processor[b] if isinstance(logits_processor, tuple) else logits_processor
+        scores = process_scores(procs, prefixes[b], tree, raw[b])
+        path, nxt = (accept or walk)(tree, scores, do_sample)
+        out.append(Verified(raw[b], scores, None if features is None else features[b], path, nxt))
+    return out
+
+
+def row_processors(logits_processor: LogitsProcessorList | None, row: int) -> LogitsProcessorList | None:
+    """generate()'s processors as they apply to batch row `row` alone, for calls on that row's (1, L) ids.
+
+    Processors that carry per-row state are narrowed to the row: transformers >= 5.23 builds
+    `RepetitionPenaltyLogitsProcessor(prompt_ignore_length=<(B,) left-padding lengths>)`, which becomes
+    the row's own int (the same positions ignored). Every other processor is shared as is (the loop
+    refuses `prefix_allowed_tokens_fn` for B > 1: it reads the batch index)."""
+    if not logits_processor:
+        return logits_processor
+    import copy
+
+    out = LogitsProcessorList()
+    for proc in logits_processor:
+        ignore = getattr(proc, "prompt_ignore_length", None)
+        if isinstance(proc, RepetitionPenaltyLogitsProcessor) and isinstance(ignore, torch.Tensor):
+            proc = copy.copy(proc)
+            proc.prompt_ignore_length = int(ignore[row])
+        out.append(proc)
+    return out
 
 
 def process_scores(logits_processor: LogitsProcessorList | None, prefix: torch.Tensor, tree: Tree,
