@@ -509,6 +509,46 @@ def test_cli_in_process(saved_pair, tmp_path, capsys):
     assert all(s["identity_vs_ar"] == 1.0 for s in data["summary"])
 
 
+def test_cli_batch_size(pair, tmp_path, capsys):
+    """--batch-size 1,2,3: every method on the same left-padded groups, against stock batched AR in the same run;
+    greedy rows identical to AR, throughput and per-row acceptance reported, pld skipped with the reason."""
+    from hf_ddtree.bench.cli import bench_main
+
+    target, drafter = pair
+    d = tmp_path / "m"
+    target.save_pretrained(d / "target")
+    drafter.save_pretrained(d / "drafter")
+    with open(d / "prompts.jsonl", "w") as f:  # mixed lengths: the groups really are padded
+        for i, p in enumerate(tiny_prompts(3, ("k",), seed=9)):
+            f.write(json.dumps({"id": p["id"], "input_ids": p["input_ids"][: 3 + 2 * i]}) + "\n")
+    out = tmp_path / "batch"
+    argv = ["--target", str(d / "target"), "--drafter", str(d / "drafter"), "--dataset", str(d / "prompts.jsonl"),
+            "--methods", "ar,ddtree:4,dflash,pld", "--batch-size", "1,2,3", "--max-new-tokens", "6", "--threads", "1",
+            "--warmup", "0", "--no-progress", "--no-plots", "--out", str(out)]
+    assert bench_main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "| 3 | ddtree:4 | 1 |" in printed
+    data = json.loads((out / "batch_results.json").read_text())
+    assert data["config"]["batch_sizes"] == [1, 2, 3]
+    groups = {(r["batch_size"], r["group"]) for r in data["rows"]}
+    assert groups == {(1, 0), (1, 1), (1, 2), (2, 0), (3, 0)}
+    for r in data["rows"]:
+        if r["kind"] == "pld":
+            assert r["status"] == "skipped" and "batch" in r["reason"]
+            continue
+        assert r["status"] == "ok" and r["identical_to_ar"] is True and r["tokens_per_s"] > 0
+        assert len(r["row_new_tokens"]) == r["batch_size"] and r["new_tokens"] == sum(r["row_new_tokens"])
+        if r["kind"] != "ar":
+            assert len(r["row_acceptance"]) == r["batch_size"] and r["mean_acceptance_length"] >= 1
+    summary = {(s["batch_size"], s["method"]): s for s in data["summary"]}
+    assert summary[2, "ar"]["speedup_vs_ar"] == pytest.approx(1.0)
+    assert summary[3, "ddtree:4"]["identical_to_ar"] is True and summary[3, "ddtree:4"]["speedup_vs_ar"] > 0
+    with pytest.raises(SystemExit):
+        bench_main(argv[:-1] + [str(out), "--temperature", "1"])  # greedy only
+    with pytest.raises(ValueError, match="batch-size 4"):
+        bench_main(["4" if a == "1,2,3" else a for a in argv])  # more rows than prompts
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

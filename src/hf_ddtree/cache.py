@@ -294,10 +294,11 @@ def compact_rows(cache, rows: CacheRows, keep: list[torch.Tensor]) -> CacheRows:
     src = torch.cat([k.cpu().long() + w for k in keep])
     dst = torch.cat([torch.arange(int(rows.length[b]), int(rows.length[b]) + k.numel()) for b, k in enumerate(keep)])
     end = new.write_at
+    moves = bool((src != dst).any())  # decided on the host: no device sync per layer
     for layer in cache.layers:
         dev = layer.keys.device
-        r, s_, d = row_idx.to(dev), src.to(dev), dst.to(dev)
-        if bool((s_ != d).any()):
+        if moves:
+            r, s_, d = row_idx.to(dev), src.to(dev), dst.to(dev)
             layer.keys[r, :, d] = layer.keys[r, :, s_]  # the right side is a copy: overlap-safe
             layer.values[r, :, d] = layer.values[r, :, s_]
         if isinstance(layer, StaticLayer):

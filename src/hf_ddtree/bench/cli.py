@@ -73,6 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "cache and generate()'s compile convention (compiled verify and drafter forwards), and AR is "
                         "measured twice, stock generate() as it comes ('ar') and with a static cache and the same "
                         "compile setting ('ar-static'); speedups are against the faster of the two")
+    p.add_argument("--batch-size", default=None, metavar="B[,B...]",
+                   help="batched mode: cut the prompts into left-padded groups of B and report throughput (generated "
+                        "tokens per second over the batch) of each method against stock batched AR at the same B, in the "
+                        "same run (batch_summary.md, batch_results.json, batch_throughput.png); e.g. 1,2,4,8. Greedy, "
+                        "single process")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--no-progress", action="store_true")
@@ -373,6 +378,16 @@ def bench_main(argv=None) -> int:
     if args.tp > 1 and importlib.util.find_spec("accelerate") is None:
         parser.error("--tp needs accelerate (transformers' tp_plan loading): pip install 'hf_ddtree[tp]'")
 
+    if args.batch_size is not None:
+        try:
+            sizes = [int(b) for b in args.batch_size.split(",") if b.strip()]
+        except ValueError:
+            sizes = []
+        if not sizes or min(sizes) < 1:
+            parser.error(f"--batch-size must be a comma list of ints >= 1, got {args.batch_size!r}")
+        if info.world_size > 1 or args.tp > 1 or args.compile or temps != [0.0]:
+            parser.error("--batch-size runs greedy, eager, in one process: drop torchrun / --tp / --compile / --temperature")
+        return _run_batched(args, argv, methods, sizes)
     if args.compile:  # the second AR baseline, right after ar (run_benchmark adds it the same way)
         methods = methods[:1] + [Method(AR_STATIC, AR_STATIC)] + methods[1:]
     info = init_distributed(info, tensor_parallel=args.tp > 1)
@@ -465,6 +480,42 @@ def _run(args, argv, methods, temps, info: DistInfo) -> int:
         log(f"ERROR {e} (its prompts are missing from the results)")
     log("wrote " + ", ".join(sorted(res["files"].values())))
     return 1 if errors else exit_code(all_rows, args.dtype)
+
+
+def _run_batched(args, argv, methods, sizes: list[int]) -> int:
+    """`--batch-size`: every method on the same left-padded groups of B prompts, against stock batched AR."""
+    from .batch import run_batch_benchmark, write_batch_results
+
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    device = resolve_device(args.device, DistInfo())
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    log(f"loading target {args.target!r} and drafter {args.drafter!r} ({args.dtype}, {device}) ...")
+    target, tokenizer, drafter = load_pair(args, device)
+    drafter2, drafter2_error = load_drafter2(args, target, drafter)
+    if drafter2_error:
+        log(f"second drafter unavailable: {drafter2_error}")
+    prompts = load_bench_prompts(args.dataset, tokenizer, args.limit)
+    eos = getattr(target.generation_config, "eos_token_id", None)
+    eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+    pad = getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None
+    pad = pad if pad is not None else getattr(target.generation_config, "pad_token_id", None)
+    t0 = time.perf_counter()
+    loadavg = _loadavg()
+    rows = run_batch_benchmark(target, drafter, prompts, methods, sizes, max_new_tokens=args.max_new_tokens,
+                               pad_token_id=pad, eos_token_ids=eos, drafter2=drafter2,
+                               max_tree_budget=args.max_tree_budget, warmup=args.warmup,
+                               progress=not args.no_progress, log=log)
+    config = build_config(args, argv, DistInfo(), device, methods, [0.0], prompts, target, drafter)
+    config.update(batch_sizes=sizes, wall_s=time.perf_counter() - t0, loadavg_start=loadavg, loadavg_end=_loadavg())
+    res = write_batch_results(args.out, config, rows, plots=not args.no_plots)
+    print(res["markdown"])
+    log("wrote " + ", ".join(sorted(res["files"].values())))
+    ours = [r for r in rows if r["kind"] not in ("ar", "pld", "hf-dflash")]
+    bad = [r for r in ours if r["status"] == "error" or (args.dtype == "fp32" and r["identical_to_ar"] is False)]
+    return 1 if bad else 0
 
 
 def tp_divergence(rows_per_rank: list[list[dict]]) -> list[str]:
