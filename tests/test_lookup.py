@@ -235,6 +235,29 @@ def test_proposer_builds_the_merged_tree_and_calibrates():
     assert prop.index.text == text + [6, 7, 9]
 
 
+def test_lookup_candidates_reach_past_the_drafters_block():
+    """Lookup paths may be deeper than the drafter's block (up to Round.max_depth and the proposer's cap);
+    past the block a token is scored by its calibrated lookup rate alone."""
+    V, D = 20, 3
+    text = [1, 2, 3, 4, 5, 6, 7, 8, 9, 1, 2]  # (1, 2) recurs: the candidate is 3, 4, 5, ... 9, 1, 2
+    ids = torch.tensor([text])
+    for max_depth, cap, want in ((10, 16, 9), (10, 5, 5), (2, 16, 3), (None, 16, 3)):
+        state = StubState(DrafterSpec(D + 1, 19, (0, 1)), V, 5)
+        prop = LookupProposer(state, 400, max_depth=cap)
+        [tree] = prop.propose(Round(ids, None, torch.tensor([len(text) - 1]), D, max_depth=max_depth))
+        cand = prop.rows[0].pending[0]
+        assert len(cand.tokens) == want and cand.tokens[:3] == (3, 4, 5), (max_depth, cap, cand)
+        assert int(tree.depths.max()) == want  # the whole candidate is in the tree (400 nodes are plenty)
+        lp = state.out[0][0, :D]
+        node, score = 0, 0.0
+        logc = prop.calibrator.token_logprobs(cand)
+        for d, t in enumerate(cand.tokens):
+            node = tree.children[node][t]
+            q = float(lp[d, t]) if d < D else float("-inf")
+            score += max(q, logc[d])
+            assert tree.scores[node] == pytest.approx(score)
+
+
 def test_lookup_proposer_keeps_one_index_per_row():
     """A batch: each row's lookup candidates come from its own text (right-aligned ids, ragged lengths), and
     select() keeps the surviving rows' indexes."""

@@ -387,7 +387,8 @@ def speculative_decoding(
         for i, b in enumerate(active):
             ids[i, L - lengths[i]:] = seqs[b][0]
         remaining = min(end_len[b] - n for b, n in zip(active, lengths))  # new tokens still allowed after the roots
-        rnd = Round(ids, context, layout.positions.clone(), min(spec.block_size - 1, remaining - 1), context_lengths)
+        rnd = Round(ids, context, layout.positions.clone(), min(spec.block_size - 1, remaining - 1), context_lengths,
+                    max_depth=remaining - 1)
 
         # ---- draft + tree: the proposer's drafter forward(s), then one tree per row, cut by the policy --
         drafted = rnd.depth_limit > 0 and max_nodes > 0

@@ -38,6 +38,7 @@ DEFAULT_MAX_TREE_BUDGET = 256  # CaDDTree's cap (max_tree_budget)
 D2SD_BOUNDARIES = 4  # rejection depths drafter 2 re-anchors at
 D2SD_ALTERNATIVES = 1  # alternative tokens per boundary
 D2SD_MAX_BRANCHES = 64  # the largest d2sd_boundaries / d2sd_alternatives accepted
+LOOKUP_MAX_DEPTH = 16  # ddtree-lookup: deepest lookup node (past the drafter's block; the budget decides)
 
 
 @dataclass
@@ -52,8 +53,10 @@ class Round:
                  at context[b, :context_lengths[b]] for positions past[b] - context_lengths[b] ..
                  past[b] - 1; F = len(target_layer_ids) * hidden_size
     past         (B,) long: the root's position in each row (= real tokens before it)
-    depth_limit  deepest node allowed this round (block_size - 1, or fewer near max_length)
+    depth_limit  deepest drafter node this round (block_size - 1, or fewer near max_length)
     context_lengths (B,) long, or None when every row has all C
+    max_depth    deepest node any proposer may add (the tokens left before max_length, minus the bonus
+                 token); lookup candidates may go past the drafter's block. None: depth_limit
     """
 
     ids: torch.Tensor
@@ -61,6 +64,7 @@ class Round:
     past: torch.Tensor
     depth_limit: int
     context_lengths: torch.Tensor | None = None
+    max_depth: int | None = None
 
     @property
     def rows(self) -> int:
@@ -365,8 +369,9 @@ class LookupProposer(DFlashProposer):
     """
 
     def __init__(self, state: DrafterState, max_nodes: int, index: LookupIndex | None = None,
-                 calibrator: LookupCalibrator | None = None):
+                 calibrator: LookupCalibrator | None = None, max_depth: int | None = None):
         super().__init__(state, "ddtree", max_nodes)
+        self.max_depth = LOOKUP_MAX_DEPTH if max_depth is None else int(max_depth)  # deepest lookup node
         first = _LookupRow()
         if index is not None:
             first.index = index
@@ -389,25 +394,32 @@ class LookupProposer(DFlashProposer):
             self.rows.append(_LookupRow(self.rows[0].index))
         top_lp, top_ids = topk_per_position(logprobs, self.max_nodes)  # (B, D, k)
         top_lp, top_ids = top_lp.cpu(), top_ids.cpu()
-        return [self._build_row(self.rows[b], round.text(b), logprobs[b], top_lp[b], top_ids[b])
+        D = logprobs.shape[1]
+        depth = max(D, min(self.max_depth, D if round.max_depth is None else round.max_depth))
+        return [self._build_row(self.rows[b], round.text(b), logprobs[b], top_lp[b], top_ids[b], depth)
                 for b in range(round.rows)]
 
-    def _build_row(self, row: _LookupRow, text: torch.Tensor, logprobs: torch.Tensor, top_lp, top_ids) -> Tree:
+    def _build_row(self, row: _LookupRow, text: torch.Tensor, logprobs: torch.Tensor, top_lp, top_ids,
+                   depth: int) -> Tree:
+        """logprobs (D, V) for depths 1..D; lookup candidates may reach `depth` >= D (scored by their
+        calibrated rate alone past the drafter's block)."""
         row.sync(text)
         if row.pending:
             row.calibrator.observe(row.pending, row.index.text[row.pending_at:])
             row.pending = []
-        root, depth = int(text[-1]), logprobs.shape[0]
+        root, D = int(text[-1]), logprobs.shape[0]
         cands = row.index.candidates(depth)
         paths = []
         if cands:
-            rr = torch.tensor([d for c in cands for d in range(len(c.tokens))], dtype=torch.long)
-            cols = torch.tensor([t for c in cands for t in c.tokens], dtype=torch.long)
+            pairs = [(d, t) for c in cands for d, t in enumerate(c.tokens) if d < D]
+            rr = torch.tensor([d for d, _ in pairs], dtype=torch.long)
+            cols = torch.tensor([t for _, t in pairs], dtype=torch.long)
             flat = logprobs[rr.to(logprobs.device), cols.to(logprobs.device)].tolist()  # drafter log q_d(t)
             logq, at = [], 0
             for c in cands:
-                logq.append(flat[at:at + len(c.tokens)])
-                at += len(c.tokens)
+                k = min(len(c.tokens), D)
+                logq.append(flat[at:at + k] + [float("-inf")] * (len(c.tokens) - k))  # no drafter past its block
+                at += k
             paths = candidate_paths(cands, logq, [row.calibrator.token_logprobs(c) for c in cands])
             row.pending, row.pending_at = cands, len(row.index)
             self.proposed += len(cands)
