@@ -528,6 +528,7 @@ def test_cli_batch_size(pair, tmp_path, capsys):
     assert bench_main(argv) == 0
     printed = capsys.readouterr().out
     assert "| 3 | ddtree:4 | 1 |" in printed
+    assert "%" in printed.split("| 3 | ddtree:4 | 1 |")[1].splitlines()[0]  # the time split of our methods
     data = json.loads((out / "batch_results.json").read_text())
     assert data["config"]["batch_sizes"] == [1, 2, 3]
     groups = {(r["batch_size"], r["group"]) for r in data["rows"]}

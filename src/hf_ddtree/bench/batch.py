@@ -21,6 +21,7 @@ import torch
 
 from .runner import BenchPrompt, Method, _short, _sync
 
+_SPLIT = ("prefill_s", "draft_s", "tree_s", "verify_s", "commit_s")  # DecodeStats time split (collect_timing)
 # our methods that take a batch, and how generate() is called for each
 _BATCH_KINDS = ("ar", "dflash", "ddtree", "ddtree-lookup", "caddtree", "caddtree-lookup", "d2sd", "d2sd-tree")
 
@@ -95,10 +96,10 @@ def run_batch_benchmark(target, drafter, prompts: Sequence[BenchPrompt], methods
     def call(method: Method, ids, mask, n_new):
         kw = dict(attention_mask=mask, do_sample=False, max_new_tokens=n_new, pad_token_id=pad_token_id)
         if method.kind == "ar":
-            return target.generate(ids, **kw), None
+            return target.generate(ids, **kw), (None, None)
         out = target.generate(ids, **kw, **_method_kwargs(method, drafter, drafter2, max_tree_budget),
-                              return_dict_in_generate=True)
-        return out.sequences, out.acceptance_lengths
+                              return_dict_in_generate=True, collect_timing=True)
+        return out.sequences, (out.acceptance_lengths, out.stats)
 
     skipped = {m.name: f"{m.kind} does not take a batch (stock assisted generation is batch-1 only)"
                for m in methods if m.kind not in _BATCH_KINDS}
@@ -124,7 +125,7 @@ def run_batch_benchmark(target, drafter, prompts: Sequence[BenchPrompt], methods
                 row = dict(batch_size=B, group=g, prompt_ids=[p.id for p in chunk], datasets=[p.dataset for p in chunk],
                            method=m.name, kind=m.kind, status="ok", reason=None, time_s=None, new_tokens=None,
                            tokens_per_s=None, row_new_tokens=None, row_acceptance=None, mean_acceptance_length=None,
-                           identical_to_ar=None)
+                           identical_to_ar=None, rounds=None, **{k: None for k in _SPLIT})
                 if m.name in skipped:
                     row.update(status="skipped", reason=skipped[m.name])
                 else:
@@ -133,7 +134,7 @@ def run_batch_benchmark(target, drafter, prompts: Sequence[BenchPrompt], methods
                             torch.manual_seed(0)
                             _sync(device)
                             t0 = time.perf_counter()
-                            seq, acc = call(m, ids, mask, max_new_tokens)
+                            seq, (acc, stats) = call(m, ids, mask, max_new_tokens)
                             _sync(device)
                             dt = time.perf_counter() - t0
                     except Exception as e:
@@ -144,8 +145,11 @@ def run_batch_benchmark(target, drafter, prompts: Sequence[BenchPrompt], methods
                         n = sum(len(t) for t in toks)
                         row.update(time_s=dt, new_tokens=n, tokens_per_s=n / dt if dt > 0 else None,
                                    row_new_tokens=[len(t) for t in toks])
+                        if stats is not None:
+                            row.update({k: float(getattr(stats, k)) for k in _SPLIT})
                         if acc is not None:
                             per_row = acc if B > 1 else [acc]
+                            row["rounds"] = max(len(a) for a in per_row)
                             row["row_acceptance"] = [sum(a) / len(a) if a else None for a in per_row]
                             flat = [x for a in per_row for x in a]
                             row["mean_acceptance_length"] = sum(flat) / len(flat) if flat else None
@@ -166,7 +170,7 @@ def summarize_batches(rows: Sequence[dict]) -> list[dict]:
     """Per (batch size, method): tokens / seconds over its groups, speedup vs AR's throughput at the same B
     (same groups, same run), mean acceptance (over rows x rounds), and whether every row equalled AR."""
     acc: dict = defaultdict(lambda: dict(time_s=0.0, new_tokens=0, n=0, accept=[], identical=True, status=set(),
-                                         reason=None))
+                                         reason=None, split=defaultdict(float)))
     order = []
     for r in rows:
         key = (r["batch_size"], r["method"])
@@ -180,6 +184,9 @@ def summarize_batches(rows: Sequence[dict]) -> list[dict]:
             continue
         a["time_s"] += r["time_s"]
         a["new_tokens"] += r["new_tokens"]
+        for k in _SPLIT:
+            if r.get(k) is not None:
+                a["split"][k] += r[k]
         a["n"] += 1
         if r["mean_acceptance_length"] is not None:
             a["accept"].append(r["mean_acceptance_length"])
@@ -196,6 +203,7 @@ def summarize_batches(rows: Sequence[dict]) -> list[dict]:
                         speedup_vs_ar=tps / ar_tps if tps and ar_tps else None,
                         mean_acceptance_length=sum(a["accept"]) / len(a["accept"]) if a["accept"] else None,
                         identical_to_ar=a["identical"] if a["n"] else None,
+                        split_share={k: a["split"][k] / a["time_s"] for k in _SPLIT} if a["split"] and a["time_s"] else None,
                         status="ok" if a["status"] == {"ok"} else ",".join(sorted(a["status"])), reason=a["reason"]))
     return out
 
@@ -205,16 +213,18 @@ def format_batch_markdown(summary: Sequence[dict], config: dict) -> str:
              f"{config.get('threads', '?')} threads, {config.get('max_new_tokens', '?')} new tokens, greedy; "
              "throughput = generated tokens (to EOS) per second over the batch; speedup vs stock batched AR at the "
              "same B, same groups, same run.", "",
-             "| B | method | groups | tok/s | vs AR | acceptance | identical to AR |",
-             "|---:|---|---:|---:|---:|---:|---|"]
+             "| B | method | groups | tok/s | vs AR | acceptance | draft / verify / commit share | identical to AR |",
+             "|---:|---|---:|---:|---:|---:|---|---|"]
     for s in summary:
         if s["status"] != "ok" and not s["groups"]:
-            lines.append(f"| {s['batch_size']} | {s['method']} | 0 | – | – | – | {s['status']}: {s['reason']} |")
+            lines.append(f"| {s['batch_size']} | {s['method']} | 0 | – | – | – | – | {s['status']}: {s['reason']} |")
             continue
         f = lambda v, fmt="{:.2f}": "–" if v is None else fmt.format(v)  # noqa: E731
         ident = "–" if s["identical_to_ar"] is None else ("yes" if s["identical_to_ar"] else "**NO**")
+        sh = s.get("split_share")
+        share = "–" if not sh else " / ".join(f"{100 * sh[k]:.0f}%" for k in ("draft_s", "verify_s", "commit_s"))
         lines.append(f"| {s['batch_size']} | {s['method']} | {s['groups']} | {f(s['tokens_per_s'], '{:.1f}')} | "
-                     f"{f(s['speedup_vs_ar'])}x | {f(s['mean_acceptance_length'])} | {ident} |")
+                     f"{f(s['speedup_vs_ar'])}x | {f(s['mean_acceptance_length'])} | {share} | {ident} |")
     return "\n".join(lines) + "\n"
 
 
