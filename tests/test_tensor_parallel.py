@@ -152,6 +152,7 @@ def test_two_tensor_parallel_ranks_match_each_other_and_one_process(saved_models
         ref = r["refusals"]
         assert "same generate() call" in ref["different_prompts"] and "prompt" in ref["different_prompts"]
         assert "max_time" in ref["max_time"]
+        assert "batch size 2" in ref["batch"] and "once per prompt" in ref["batch"]
         assert "drafter is on meta" in ref["one_rank_refuses"] and "drafter.to(target.device)" in ref["one_rank_refuses"]
         assert "itself sharded" in ref["sharded_drafter"]
         assert "'colwise'" in ref["vocab_split_logits"] and "colwise_gather_output" in ref["vocab_split_logits"]

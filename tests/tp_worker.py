@@ -103,6 +103,8 @@ def run_refusals(model_dir: Path, target, drafter, rank: int) -> dict:
                                                                max_new_tokens=4, do_sample=False))
     res["max_time"] = _refusal(lambda: target.generate(ids, assistant_model=drafter, tree_budget=4, max_new_tokens=4,
                                                        do_sample=False, max_time=60.0))
+    res["batch"] = _refusal(lambda: target.generate(ids.repeat(2, 1), assistant_model=drafter, tree_budget=4,
+                                                    max_new_tokens=4, do_sample=False))
     sharded_drafter = DFlashDraftModel.from_pretrained(model_dir / "drafter", dtype=torch.float32, tp_plan="auto")
     res["sharded_drafter"] = _refusal(lambda: target.generate(ids, assistant_model=sharded_drafter, tree_budget=4,
                                                               max_new_tokens=4, do_sample=False))

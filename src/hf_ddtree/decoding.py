@@ -35,7 +35,9 @@ from .verify import choose, row_processors, verify_trees, walk
 @dataclass
 class DecodeStats:
     """Per-call statistics. acceptance_lengths[i] = tokens committed by round i (accepted + bonus);
-    tree_sizes[i] = drafted nodes verified by round i (padding excluded).
+    tree_sizes[i] = drafted nodes verified by round i (padding excluded). For a batch, one entry per
+    (round, row still decoding), rows in batch order within a round (the output's `acceptance_lengths`
+    has them per row); mean_acceptance_length is then the mean over rows and rounds.
 
     The *_s fields are wall seconds summed over the call, booked by the loop only and only with
     `generate(..., collect_timing=True)` (they stay 0.0 otherwise; on CUDA each lap synchronizes):
