@@ -283,6 +283,8 @@ def speculative_decoding(
         def steps(per_row):  # tuple over new tokens of (B, V); a finished row shows its pad as certain
             if B == 1:
                 return tuple(per_row[0])
+            if ids.shape[1] == P0:  # nothing generated (the prompt already reached max_length)
+                return ()
             V = next(t for r in per_row for t in r).shape[-1]
             pad_row = torch.full((1, V), float("-inf"), device=device)
             if pad_id is not None:
