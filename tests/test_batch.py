@@ -385,3 +385,16 @@ def test_batched_sampling_follows_each_rows_law():
         assert p > ALPHA, f"row {b}: chi2={stat:.1f} df={df} p={p:.2e}"
         _, _, p_bad = chi_square_pvalue(counts[b], bad[b])
         assert p_bad < ALPHA, f"row {b}: no power (p={p_bad:.2e})"
+
+
+def test_batch_at_max_length_returns_the_prompts():
+    """The loop called with the prompts already at max_length (generate() refuses that itself on newer
+    transformers): the prompts come back, with no scores and no rounds."""
+    from transformers import GenerationConfig
+    from transformers.generation.stopping_criteria import StoppingCriteriaList
+
+    s = setup("qwen3", 2)
+    cfg = GenerationConfig(max_length=s.ids.shape[1], pad_token_id=PAD, output_scores=True, return_dict_in_generate=True)
+    out = speculative_decoding(s.target, s.ids, None, StoppingCriteriaList(), cfg, drafter=s.drafters["random"],
+                               tree_budget=4, attention_mask=s.mask)
+    assert torch.equal(out.sequences, s.ids) and out.scores == () and out.acceptance_lengths == [[], []]
