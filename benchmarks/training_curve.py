@@ -3,7 +3,7 @@ minutes and response tokens trained on (docs/models.md, "Training campaign").
 
     python benchmarks/training_curve.py docs/results/training-curve/points.json   # writes curve.png next to it
 
-points.json: [{"name", "train_cpu_min" (cumulative), "response_tokens" (cumulative), "tau", "held_out"}, ...]
+points.json: [{"name", "train_cpu_min", "response_tokens" (all that went into the drafter, warm starts included), "tau", "held_out"}, ...]
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ def main(argv=None) -> int:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
-    for ax, key, label in ((axes[0], "train_cpu_min", "cumulative CPU training minutes (2 cores)"),
-                           (axes[1], "response_tokens", "cumulative response tokens trained on")):
+    for ax, key, label in ((axes[0], "train_cpu_min", "CPU training minutes that went into it (2 cores)"),
+                           (axes[1], "response_tokens", "response tokens that went into it")):
         xs, ys = [p[key] for p in pts], [p["tau"] for p in pts]
         ax.plot(xs, ys, marker="o")
         for p in pts:
