@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -119,29 +120,47 @@ def main(argv=None) -> int:
     md = "\n".join(lines) + "\n"
     (out / "round_cost.md").write_text(md)
     print(md)
+    plot(table, caches, budgets, args.method, args.threads, out / "round_cost.png")
+    return 0
+
+
+def plot(table, caches, budgets, method, threads, path) -> None:
+    """AR steps per round (and the verify alone) against the budget, one line per cache kind."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for c in caches:
-            rs = [r for r in table if r["cache"] == c]
-            ax.plot([r["budget"] for r in rs], [r["round_ar_steps"] for r in rs], marker="o", label=f"round, {c} cache")
-            ax.plot([r["budget"] for r in rs], [r["verify_ar_steps"] for r in rs], ls=":", marker=".",
-                    label=f"verify only, {c}")
-        ax.scatter([8, 16], [1.5, 1.8], marker="x", color="red", zorder=5, label="issue 10 targets")
-        ax.set(xscale="log", xlabel="tree budget (nodes)", ylabel="AR steps per round",
-               title=f"{args.method} round cost, embedded pair, {args.threads} threads")
-        ax.set_xticks(budgets, [str(b) for b in budgets])
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out / "round_cost.png", dpi=120)
+        from matplotlib.ticker import NullFormatter
     except ImportError:
-        pass
-    return 0
+        return
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for c in caches:
+        rs = [r for r in table if r["cache"] == c]
+        ax.plot([r["budget"] for r in rs], [r["round_ar_steps"] for r in rs], marker="o", label=f"round, {c} cache")
+        ax.plot([r["budget"] for r in rs], [r["verify_ar_steps"] for r in rs], ls=":", marker=".", label=f"verify only, {c}")
+    ax.scatter([8, 16], [1.5, 1.8], marker="x", color="red", zorder=5, label="issue 10 targets")
+    ax.set(xscale="log", xlabel="tree budget (nodes)", ylabel="AR steps per round",
+           title=f"{method} round cost, embedded pair, {threads} threads")
+    ax.set_xticks(budgets, [str(b) for b in budgets])
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def replot(json_path: str) -> None:
+    """Redraw round_cost.png from a round_cost.json."""
+    d = json.loads(Path(json_path).read_text())
+    table = d["table"]
+    caches = list(dict.fromkeys(r["cache"] for r in table))
+    budgets = sorted({r["budget"] for r in table})
+    plot(table, caches, budgets, d["meta"]["method"], d["meta"]["threads"], Path(json_path).with_name("round_cost.png"))
 
 
 if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--replot":
+        replot(sys.argv[2])
+        raise SystemExit(0)
     raise SystemExit(main())

@@ -239,17 +239,20 @@ def plot_batch_throughput(summary: Sequence[dict], path: str | os.PathLike) -> s
         return None
     methods = list(dict.fromkeys(s["method"] for s in summary if s["tokens_per_s"] is not None))
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-    for m in methods:
+    sizes = sorted({s["batch_size"] for s in summary})
+    for i, m in enumerate(methods):
+        color = f"C{i}"  # one colour per method in both panels
         pts = sorted((s["batch_size"], s["tokens_per_s"], s["speedup_vs_ar"]) for s in summary
                      if s["method"] == m and s["tokens_per_s"] is not None)
-        ax1.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=m)
+        ax1.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", color=color, label=m)
         if m != "ar":
-            ax2.plot([p[0] for p in pts], [p[2] for p in pts], marker="o", label=m)
+            ax2.plot([p[0] for p in pts], [p[2] for p in pts], marker="o", color=color, label=m)
     ax1.set(xlabel="batch size", ylabel="generated tokens / s (batch)", title="throughput")
     ax2.axhline(1.0, color="gray", lw=0.8, ls="--")
     ax2.set(xlabel="batch size", ylabel="x stock batched AR", title="speedup vs AR (same B)")
     for ax in (ax1, ax2):
         ax.set_xscale("log", base=2)
+        ax.set_xticks(sizes, [str(b) for b in sizes])
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
