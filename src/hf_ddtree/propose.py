@@ -2,15 +2,16 @@
 
 The decoding loop depends only on this small interface (like transformers' `CandidateGenerator`):
 
-    drafted = proposer.draft(round)          the drafters' forwards (the loop times it as draft_s)
-    tree = proposer.build(round, drafted)    the tree from them (timed as tree_s, with the budget policy)
+    drafted = proposer.draft(round)          the drafters' forwards, one for all rows (timed as draft_s)
+    trees = proposer.build(round, drafted)   one tree per row (timed as tree_s, with the budget policy)
     proposer.observe(accepted)               after verification: accepted draft tokens per row
+    proposer.select(rows)                    finished rows leave: keep only these
     proposer.propose(round) == proposer.build(round, proposer.draft(round))
 
 `Round` carries what any proposer needs (a drafter, or a lookup over the committed text: `LookupProposer`): the
 committed ids, the roots, the target features the drafter has not seen yet, the past lengths and
-the depth limit, each with a leading row dimension B (B = 1 until batching lands). The loop, not
-the proposer, applies the budget policy (CaDDTree) to whatever tree comes back, pads it when asked
+the depth limit, each with a leading row dimension B (a left-padded batch; rows are ragged). The loop,
+not the proposer, applies the budget policy (CaDDTree) to whatever trees come back, pads it when asked
 and books all time. A proposer owns its drafters' caches of projected context K/V.
 
 The method names and their defaults live here too, so generate(), bench and budget share them.
