@@ -19,6 +19,7 @@ from transformers import GenerationMixin, StoppingCriteria
 from transformers.generation.logits_process import LogitsProcessorList, RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper
 
 import hf_ddtree
+from hf_ddtree.bench.batch import left_pad as bench_left_pad
 from hf_ddtree.budget import CaDDTreePolicy, LatencyModel
 from hf_ddtree.decoding import speculative_decoding
 from hf_ddtree.drafter import drafter_spec
@@ -41,13 +42,7 @@ def stock(target, ids, **kw):
 
 def left_pad(prompts: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, P) ids left-padded with PAD and the (B, P) attention mask, as a tokenizer with padding_side='left' gives."""
-    P = max(p.numel() for p in prompts)
-    ids = torch.full((len(prompts), P), PAD, dtype=torch.long)
-    mask = torch.zeros(len(prompts), P, dtype=torch.long)
-    for b, p in enumerate(prompts):
-        ids[b, P - p.numel():] = p
-        mask[b, P - p.numel():] = 1
-    return ids, mask
+    return bench_left_pad([p.tolist() for p in prompts], PAD, "cpu")
 
 
 class BatchOracle(OracleDrafter):

@@ -97,6 +97,16 @@ def _cache_repo(cache: Path, repo_id: str, src: Path) -> Path:
     return snapshot
 
 
+def _assert_generates(target, drafter, prompt, reference):
+    """DDTree (8 nodes, greedy) with `drafter` on an enabled-for-the-call target gives `reference`."""
+    hf_ddtree.enable(target)
+    try:
+        assert torch.equal(target.generate(prompt, assistant_model=drafter, tree_budget=8, do_sample=False,
+                                           max_new_tokens=NEW_TOKENS), reference)
+    finally:
+        hf_ddtree.disable(target)
+
+
 def _assert_same_weights(a, b):
     sa, sb = a.state_dict(), b.state_dict()
     assert sa.keys() == sb.keys()
@@ -222,12 +232,7 @@ def test_republish_a_foreign_drafter_class(env, target, prompt, reference, tmp_p
     again = load_drafter(out, target=target)
     assert type(again).__module__.endswith(".modeling_dflash")
     _assert_same_weights(again, drafter)
-    hf_ddtree.enable(target)
-    try:
-        assert torch.equal(target.generate(prompt, assistant_model=again, tree_budget=8, do_sample=False,
-                                           max_new_tokens=NEW_TOKENS), reference)
-    finally:
-        hf_ddtree.disable(target)
+    _assert_generates(target, again, prompt, reference)
 
 
 @pytest.mark.parametrize("convention", ["zlab", "toplevel"])
@@ -368,12 +373,7 @@ def test_save_and_load_drafter_keep_the_draft_vocabulary(env, target, prompt, re
     assert json.loads((out / "config.json").read_text())["draft_vocab_size"] == len(range(0, MASK, 2))
     loaded = load_drafter(out, target=target)
     assert loaded.draft_vocab_ids.tolist() == list(range(0, MASK, 2))
-    hf_ddtree.enable(target)
-    try:
-        assert torch.equal(target.generate(prompt, assistant_model=loaded, tree_budget=8, do_sample=False,
-                                           max_new_tokens=NEW_TOKENS), reference)
-    finally:
-        hf_ddtree.disable(target)
+    _assert_generates(target, loaded, prompt, reference)
     set_draft_vocab(loaded, None)
     again = save_drafter(loaded, out, custom_generate=False)  # re-saved without a shortlist
     assert "draft_vocab_size" not in json.loads((again / "config.json").read_text())

@@ -265,21 +265,19 @@ def tree_attention_masks_rows(config, visibility: torch.Tensor, depths: torch.Te
 
 def compact(cache, past_len: int, keep: torch.Tensor) -> None:
     """Move the K/V of tree nodes `keep` (indices into the verified block, root = 0, ascending)
-    to slots [past_len, past_len + len(keep)) and drop the rest of the block."""
-    k = keep.numel()
-    for layer in cache.layers:
-        src = keep.to(layer.keys.device) + past_len
-        if isinstance(layer, StaticLayer):
-            dst = torch.arange(past_len, past_len + k, device=layer.keys.device)
-            layer.keys.index_copy_(2, dst, layer.keys.index_select(2, src))  # index_select copies: overlap-safe
-            layer.values.index_copy_(2, dst, layer.values.index_select(2, src))
-            layer.cumulative_length.fill_(past_len + k)
-        elif isinstance(layer, DynamicLayer):
-            layer.keys[..., past_len:past_len + k, :] = layer.keys.index_select(-2, src)
-            layer.values[..., past_len:past_len + k, :] = layer.values.index_select(-2, src)
-            layer.crop(-(layer.keys.shape[-2] - (past_len + k)))
-        else:
-            raise TypeError(f"cannot compact cache layer {type(layer).__name__}")
+    to slots [past_len, past_len + len(keep)) and drop the rest of the block: `compact_rows` for one
+    unpadded row."""
+    compact_rows(cache, CacheRows.single(past_len), [keep])
+
+
+def _set_length(layer, end: int, what: str) -> None:
+    """Make `end` the layer's length: the static write pointer, or the dynamic layer cut there."""
+    if isinstance(layer, StaticLayer):
+        layer.cumulative_length.fill_(end)
+    elif isinstance(layer, DynamicLayer):
+        layer.crop(-(layer.keys.shape[-2] - end))
+    else:
+        raise TypeError(f"cannot {what} cache layer {type(layer).__name__}")
 
 
 def compact_rows(cache, rows: CacheRows, keep: list[torch.Tensor]) -> CacheRows:
@@ -301,29 +299,22 @@ def compact_rows(cache, rows: CacheRows, keep: list[torch.Tensor]) -> CacheRows:
             r, s_, d = row_idx.to(dev), src.to(dev), dst.to(dev)
             layer.keys[r, :, d] = layer.keys[r, :, s_]  # the right side is a copy: overlap-safe
             layer.values[r, :, d] = layer.values[r, :, s_]
-        if isinstance(layer, StaticLayer):
-            layer.cumulative_length.fill_(end)
-        elif isinstance(layer, DynamicLayer):
-            layer.crop(-(layer.keys.shape[-2] - end))
-        else:
-            raise TypeError(f"cannot compact cache layer {type(layer).__name__}")
+        _set_length(layer, end, "compact")
     return new
 
 
 def select_rows(cache, rows: list[int], layout: CacheRows) -> CacheRows:
     """Keep only batch rows `rows` of the cache (finished rows leave the batch); returns their layout,
-    with the cache's length set to the longest kept row."""
+    with the cache's length set to the longest kept row. Layers that hold nothing yet are skipped."""
     idx = torch.tensor(rows, dtype=torch.long)
     new = layout.select(rows)
     end = new.write_at
     for layer in cache.layers:
+        if getattr(layer, "keys", None) is None or layer.keys.numel() == 0:
+            continue
         layer.keys = layer.keys[idx.to(layer.keys.device)]
         layer.values = layer.values[idx.to(layer.values.device)]
         if isinstance(layer, StaticLayer):
             layer.batch_size = len(rows)
-            layer.cumulative_length.fill_(end)
-        elif isinstance(layer, DynamicLayer):
-            layer.crop(-(layer.keys.shape[-2] - end))
-        else:
-            raise TypeError(f"cannot select rows of cache layer {type(layer).__name__}")
+        _set_length(layer, end, "select rows of")
     return new

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from transformers.cache_utils import DynamicCache
 
+from .cache import CacheRows, compact_rows, select_rows
 from .compat import cache_kwargs, compiled_module_call
 from .drafter import DrafterSpec, validate_d2sd_pair
 from .lookup import LookupCalibrator, LookupIndex, candidate_paths, lookup_tree
@@ -188,8 +189,6 @@ class DrafterState:
         )  # (B, K*bs, H)
         self.cache.crop(-K * bs)  # keep the context, drop the blocks
         if ragged:  # row b's new context to slots [seen[b], seen[b] + clen[b]): rows stay left-aligned
-            from .cache import CacheRows, compact_rows
-
             keep = [torch.arange(int(n)) for n in clen]
             compact_rows(self.cache, CacheRows(torch.zeros(B, dtype=torch.long), self.seen.clone()), keep)
         self.seen = past.clone()
@@ -206,14 +205,8 @@ class DrafterState:
         """Keep only these rows of the drafter cache."""
         if self.seen is None:  # nothing drafted yet
             return
-        idx = torch.tensor(rows, dtype=torch.long)
-        self.seen = self.seen[idx]
-        end = int(self.seen.max()) if len(rows) else 0
-        for layer in self.cache.layers:
-            if getattr(layer, "keys", None) is None or layer.keys.numel() == 0:
-                continue
-            layer.keys = layer.keys[idx.to(layer.keys.device)][..., :end, :]
-            layer.values = layer.values[idx.to(layer.values.device)][..., :end, :]
+        layout = select_rows(self.cache, rows, CacheRows(torch.zeros_like(self.seen), self.seen))
+        self.seen = layout.length
 
 
 class DFlashProposer(Proposer):

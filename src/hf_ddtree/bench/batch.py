@@ -19,7 +19,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .runner import BenchPrompt, Method, _short, _sync
+from .runner import BenchPrompt, Method, _short, _sync, method_kwargs, progress_bar
 
 _SPLIT = ("prefill_s", "draft_s", "tree_s", "verify_s", "commit_s")  # DecodeStats time split (collect_timing)
 # our methods that take a batch, and how generate() is called for each
@@ -46,20 +46,6 @@ def row_tokens(seq: torch.Tensor, prompt_len: int, eos: set[int]) -> list[list[i
     return out
 
 
-def _method_kwargs(method: Method, drafter, drafter2, max_tree_budget: int) -> dict:
-    if method.kind == "dflash":
-        return dict(assistant_model=drafter)
-    if method.kind == "ddtree":
-        return dict(assistant_model=drafter, tree_budget=method.budget)
-    if method.kind == "ddtree-lookup":
-        return dict(assistant_model=drafter, method="ddtree-lookup", tree_budget=method.budget)
-    if method.kind == "caddtree":
-        return dict(assistant_model=drafter, tree_budget="auto", max_tree_budget=max_tree_budget)
-    if method.kind == "caddtree-lookup":
-        return dict(assistant_model=drafter, method="ddtree-lookup", tree_budget="auto", max_tree_budget=max_tree_budget)
-    return dict(assistant_model=(drafter, drafter2), method=method.kind, tree_budget=method.budget)
-
-
 def run_batch_benchmark(target, drafter, prompts: Sequence[BenchPrompt], methods: Sequence[Method],
                         batch_sizes: Sequence[int], *, max_new_tokens: int = 128, pad_token_id: int | None = None,
                         eos_token_ids: Sequence[int] = (), drafter2=None, max_tree_budget: int = 256, warmup: int = 1,
@@ -83,21 +69,13 @@ def run_batch_benchmark(target, drafter, prompts: Sequence[BenchPrompt], methods
             raise ValueError(f"--batch-size {B}: needs 1 <= B <= the number of prompts ({len(prompts)}); "
                              "raise --limit or pass fewer rows per batch.")
     groups = {B: [prompts[i:i + B] for i in range(0, len(prompts) - B + 1, B)] for B in batch_sizes}
-    total = sum(len(g) for g in groups.values()) * len(methods)
-    bar = None
-    if progress:
-        try:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=total, desc="bench (batched)", unit="gen", dynamic_ncols=True)
-        except ImportError:
-            bar = None
+    bar = progress_bar(progress, sum(len(g) for g in groups.values()) * len(methods), "bench (batched)")
 
     def call(method: Method, ids, mask, n_new):
         kw = dict(attention_mask=mask, do_sample=False, max_new_tokens=n_new, pad_token_id=pad_token_id)
         if method.kind == "ar":
             return target.generate(ids, **kw), (None, None)
-        out = target.generate(ids, **kw, **_method_kwargs(method, drafter, drafter2, max_tree_budget),
+        out = target.generate(ids, **kw, **method_kwargs(method, drafter, drafter2, max_tree_budget),
                               return_dict_in_generate=True, collect_timing=True)
         return out.sequences, (out.acceptance_lengths, out.stats)
 

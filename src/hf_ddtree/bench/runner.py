@@ -369,22 +369,9 @@ class _MethodRunner:
                 n_forwards = len(rec.starts)
                 accept = rec.acceptance_lengths(seq.shape[1])
             else:
-                assistant = self.drafter
-                if method.kind == "dflash":
-                    extra = dict(tree_budget=None)
-                elif method.kind == "ddtree":
-                    extra = dict(tree_budget=method.budget)
-                elif method.kind == "ddtree-lookup":
-                    extra = dict(method="ddtree-lookup", tree_budget=method.budget)
-                elif method.kind == "caddtree-lookup":
-                    extra = dict(method="ddtree-lookup", tree_budget="auto", max_tree_budget=self.max_tree_budget)
-                elif method.kind in D2SD_METHODS:
-                    assistant = (self.drafter, self.drafter2)
-                    extra = dict(method=method.kind, tree_budget=method.budget, d2sd_boundaries=self.d2sd_boundaries)
-                else:  # caddtree
-                    extra = dict(tree_budget="auto", max_tree_budget=self.max_tree_budget)
+                extra = method_kwargs(method, self.drafter, self.drafter2, self.max_tree_budget, self.d2sd_boundaries)
                 t0 = time.perf_counter()
-                out = t.generate(ids, assistant_model=assistant, **kw, **extra, **spec_kw, **self.compiled)
+                out = t.generate(ids, **kw, **extra, **spec_kw, **self.compiled)
                 _sync(self.device)
                 dt = time.perf_counter() - t0
                 seq = out.sequences
@@ -393,6 +380,34 @@ class _MethodRunner:
                 n_forwards = 1 + len(accept)
         new = seq[0, ids.shape[1]:].tolist()
         return dict(output_ids=new, time_s=dt, acceptance_lengths=accept, stats=stats, target_forwards=n_forwards)
+
+
+def method_kwargs(method: Method, drafter, drafter2, max_tree_budget: int,
+                  d2sd_boundaries: int = D2SD_BOUNDARIES) -> dict:
+    """generate()'s keyword arguments (assistant_model included) that run one of our methods."""
+    if method.kind == "dflash":
+        return dict(assistant_model=drafter, tree_budget=None)
+    if method.kind == "ddtree":
+        return dict(assistant_model=drafter, tree_budget=method.budget)
+    if method.kind == "ddtree-lookup":
+        return dict(assistant_model=drafter, method="ddtree-lookup", tree_budget=method.budget)
+    if method.kind == "caddtree-lookup":
+        return dict(assistant_model=drafter, method="ddtree-lookup", tree_budget="auto", max_tree_budget=max_tree_budget)
+    if method.kind in D2SD_METHODS:
+        return dict(assistant_model=(drafter, drafter2), method=method.kind, tree_budget=method.budget,
+                    d2sd_boundaries=d2sd_boundaries)
+    return dict(assistant_model=drafter, tree_budget="auto", max_tree_budget=max_tree_budget)  # caddtree
+
+
+def progress_bar(enabled: bool, total: int, desc: str, **kw):
+    """A tqdm bar over `total` generations, or None (disabled, or tqdm missing)."""
+    if not enabled:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc=desc, unit="gen", dynamic_ncols=True, **kw)
 
 
 def _short(e: BaseException, n: int = 300) -> str:
@@ -546,16 +561,8 @@ def run_benchmark(
                     break
 
     rows: list[dict] = []
-    bar = None
-    total = len(bprompts) * len(temps) * len(methods)
-    if progress:
-        try:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=total, desc=f"bench{' rank ' + str(rank) if rank else ''}", unit="gen", dynamic_ncols=True,
-                       position=rank)
-        except ImportError:
-            bar = None
+    bar = progress_bar(progress, len(bprompts) * len(temps) * len(methods),
+                       f"bench{' rank ' + str(rank) if rank else ''}", position=rank)
 
     for p in bprompts:
         ids = torch.tensor([p.input_ids], device=device)
