@@ -28,6 +28,7 @@ from hf_ddtree.training.train import (
     sample_anchors,
     sample_prefix_lens,
     split_train_val,
+    teacher_targets,
     token_counts,
     train_drafter,
     weighted_ce_sum,
@@ -359,3 +360,120 @@ def test_cli_init_from_drafter_warm_starts(target, records, trained, tmp_path, m
     with pytest.raises(SystemExit) as err:
         train_cli.train_drafter_main(bad)
     assert err.value.code == 2  # argparse error naming the mismatch
+
+
+# ---- distillation on the target's top-k log-probs --------------------------------------------------
+
+K = 4
+
+
+@pytest.fixture(scope="module")
+def topk_store(target, records, tmp_path_factory):
+    d = tmp_path_factory.mktemp("features_topk")
+    extract_features(target, records, d, LAYERS, shard_tokens=150, topk=K, progress=False)
+    return FeatureStore(d, layer_ids=LAYERS)
+
+
+def test_topk_features_are_the_targets_next_token_distribution(target, records, store, topk_store, tmp_path):
+    assert topk_store.topk_k == K and store.topk_k == 0 and len(topk_store.index["shards"]) > 1
+    agree = total = 0
+    for i in range(len(topk_store)):
+        feats, ids, plen = topk_store.get(i)
+        assert torch.equal(feats, store.features(i))  # the same features as without top-k
+        top_ids, top_lp = topk_store.topk(i)
+        with torch.no_grad():
+            logp = torch.log_softmax(target(ids[None]).logits[0].float(), -1)
+        ref = logp.topk(K, -1)
+        assert top_ids.shape == (ids.shape[0], K) and top_lp.dtype == torch.float32
+        torch.testing.assert_close(top_lp, ref.values, rtol=0, atol=1e-5)
+        assert torch.equal(logp.gather(1, top_ids), top_lp)  # ids and log-probs belong together
+        # row t is the distribution of token t+1: for the target's own greedy answer, its argmax is that token
+        agree += int((top_ids[plen - 1:-1, 0] == ids[plen:]).sum())
+        total += ids.shape[0] - plen
+    assert agree == total
+    with pytest.raises(ValueError, match="top-k"):
+        store.topk(0)
+    with pytest.raises(ValueError, match="top-4 log-probs per token, not top-2"):
+        extract_features(target, records, topk_store.dir, LAYERS, topk=2, progress=False)
+    with pytest.raises(ValueError, match="top-0"):
+        extract_features(target, records, store.dir, LAYERS, topk=K, progress=False)
+
+
+def test_distillation_loss_is_cross_entropy_to_the_teacher(topk_store):
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(128, 16, generator=g)
+    h = torch.randn(30, 16, generator=g, requires_grad=True)
+    y = torch.randint(0, 128, (30,), generator=g)
+    y[::4] = IGNORE
+    wt = torch.rand(30, generator=g)
+    ids = torch.randint(0, 128, (30, K), generator=g)
+    p = torch.softmax(torch.randn(30, K, generator=g), -1)
+    plain = weighted_ce_sum(h, w, y, wt)
+    assert torch.equal(weighted_ce_sum(h, w, y, wt, soft=(ids, p), alpha=0.0), plain)
+    # alpha = 1 with a one-hot teacher on the label is the hard-label loss
+    onehot = (y.clamp(min=0)[:, None].expand(30, K), torch.tensor([1.0, 0, 0, 0]).expand(30, K))
+    torch.testing.assert_close(weighted_ce_sum(h, w, y, wt, soft=onehot, alpha=1.0), plain)
+    m = y != IGNORE
+    logp = torch.log_softmax(h[m] @ w.T, -1)
+    hard = -logp.gather(1, y[m][:, None])[:, 0]
+    soft = -(p[m] * logp.gather(1, ids[m])).sum(-1)
+    ref = ((0.3 * hard + 0.7 * soft) * wt[m]).sum()
+    got = weighted_ce_sum(h, w, y, wt, soft=(ids, p), alpha=0.7)
+    chunked = weighted_ce_sum(h, w, y, wt, chunk=7, soft=(ids, p), alpha=0.7)
+    torch.testing.assert_close(got, ref)
+    torch.testing.assert_close(chunked, ref)
+    g1, = torch.autograd.grad(got, h)
+    g2, = torch.autograd.grad(chunked, h)
+    torch.testing.assert_close(g1, g2)
+    # a shortlisted head keeps the teacher's ids and re-indexes them onto the same rows
+    sub_w, (sub_y,), (sub_ids,) = restrict_head(w, torch.tensor([3, 7]), [y], 0, None, [ids])
+    assert torch.equal(sub_w[sub_ids], w[ids])
+    assert weighted_ce_sum(h, sub_w, sub_y, wt, soft=(sub_ids, p), alpha=1.0) < weighted_ce_sum(
+        h, w, y, wt, soft=(ids, p), alpha=1.0)  # the same teacher rows, a softmax over fewer competitors
+    # teacher rows: the label at sequence position t is taught by the target's distribution at t-1
+    feats, seq, plen = topk_store.get(2)
+    anchors = sample_anchors(seq.shape[0], plen, 5, torch.Generator().manual_seed(1))
+    blocks = make_blocks(seq, anchors, BS, MASK)
+    t_ids, t_p = teacher_targets(topk_store, 2, blocks)
+    lab = blocks.labels != IGNORE
+    assert torch.equal(t_ids[lab, 0], blocks.labels[lab])  # greedy records: the teacher's argmax is the label
+    torch.testing.assert_close(t_p.sum(-1), torch.ones(t_p.shape[0]))
+    assert torch.equal(teacher_targets(topk_store, 2, blocks, k=2)[0], t_ids[:, :2])
+
+
+def test_distillation_trains_and_is_refused_without_targets(target, store, topk_store, tmp_path):
+    train_idx, val_idx = split_train_val(topk_store.ids, 0.2)
+    cfg = TrainConfig(block_size=BS, anchors_per_seq=16, batch_tokens=256, steps=30, lr=1e-2, warmup_steps=3,
+                      bf16=False, distill_alpha=0.5, eval_every=30, save_every=0, progress=False)
+
+    def run(s, c, out):
+        d = build_drafter(target, num_layers=1, block_size=BS, mask_token_id=MASK, target_layer_ids=LAYERS,
+                          init_from_target=False, seed=0)
+        return train_drafter(target, d, s, out, c, train_idx=train_idx, val_idx=val_idx)
+
+    distilled = run(topk_store, cfg, tmp_path / "a")
+    assert sum(distilled.losses[-5:]) / 5 < 0.6 * sum(distilled.losses[:3]) / 3
+    assert distilled.val["tau"] >= 1.0
+    hard = run(topk_store, TrainConfig(**{**cfg.to_dict(), "distill_alpha": 0.0, "betas": cfg.betas}), tmp_path / "b")
+    assert distilled.losses[0] != hard.losses[0]  # the soft term is in the loss
+    with pytest.raises(ValueError, match="has none"):
+        run(store, cfg, tmp_path / "c")
+    with pytest.raises(ValueError, match="out of range"):
+        run(topk_store, TrainConfig(**{**cfg.to_dict(), "distill_alpha": 1.5, "betas": cfg.betas}), tmp_path / "d")
+
+
+def test_cli_distill_topk(target, records, tmp_path, monkeypatch):
+    monkeypatch.setattr(train_cli, "_load_target", lambda name, dtype: (target, None))
+    resp = tmp_path / "responses.jsonl"
+    resp.write_text("".join(json.dumps(r) + "\n" for r in records))
+    out = tmp_path / "run"
+    argv = ["--target", "tiny", "--responses", str(resp), "--out", str(out), "--layers", "1", "--block-size",
+            str(BS), "--target-layer-ids", "0,2", "--mask-token-id", str(MASK), "--steps", "2", "--batch-tokens",
+            "128", "--anchors-per-seq", "8", "--no-bf16", "--val-fraction", "0.2", "--eval-every", "0",
+            "--save-every", "0", "--no-progress", "--distill-topk", "3"]
+    assert train_cli.train_drafter_main(argv) == 0
+    assert json.loads((out / "features" / "index.json").read_text())["topk"] == 3
+    start = json.loads((out / "train_log.jsonl").read_text().splitlines()[0])
+    assert start["config"]["distill_alpha"] == 0.5
+    with pytest.raises(SystemExit):  # distillation asked for on a cache without targets
+        train_cli.train_drafter_main(argv[:-2] + ["--features-dir", str(tmp_path / "plain"), "--distill-alpha", "0.3"])

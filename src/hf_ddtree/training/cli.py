@@ -95,6 +95,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "+ random negatives (validation always uses the full vocabulary); 0: full softmax")
     g.add_argument("--head-negatives", type=int, default=None, metavar="K",
                    help="random other tokens in each step's softmax with --head-vocab (default N/2)")
+    g.add_argument("--distill-topk", type=int, default=0, metavar="K",
+                   help="store the target's top-K next-token log-probs with the features (distillation targets; "
+                        "a cache keeps the K it was made with)")
+    g.add_argument("--distill-alpha", type=float, default=None, metavar="A",
+                   help="weight of the cross-entropy to the target's top-K distribution, (1-A) on the hard label "
+                        "(default: 0.5 with --distill-topk, else 0)")
     g.add_argument("--standardize-features", action=argparse.BooleanOptionalAction, default=True,
                    help="data-dependent fc init: scale its input columns by 1/RMS of each feature channel")
     g.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
@@ -194,8 +200,13 @@ def train_drafter_main(argv=None) -> int:
             records = records[: args.max_records]
         print(f"target features for {len(records)} records -> {features_dir}", flush=True)
         extract_features(target, records, features_dir, layer_ids, shard_tokens=args.shard_tokens,
-                         max_length=args.max_length, progress=args.progress)
+                         max_length=args.max_length, topk=args.distill_topk, progress=args.progress)
     store = FeatureStore(features_dir, layer_ids=layer_ids, identity=model_identity(target))
+    if args.distill_alpha is None:
+        args.distill_alpha = 0.5 if store.topk_k else 0.0
+    if args.distill_alpha > 0 and not store.topk_k:
+        parser.error(f"--distill-alpha {args.distill_alpha} needs target top-k log-probs, but the feature cache "
+                     f"{features_dir} has none: pass --distill-topk K with a new --features-dir")
     train_idx, val_idx = split_train_val(store.ids, args.val_fraction)
     print(f"{len(store)} cached records ({store.num_tokens()} tokens): {len(train_idx)} train, {len(val_idx)} held out",
           flush=True)
@@ -223,7 +234,7 @@ def train_drafter_main(argv=None) -> int:
         warmup_ratio=args.warmup_ratio, warmup_steps=args.warmup_steps, gamma=args.gamma, grad_clip=args.grad_clip,
         bf16=args.bf16, threads=args.threads, seed=args.seed, prefix_mode=args.prefix_mode,
         logits_chunk=args.logits_chunk, head_vocab=args.head_vocab, head_negatives=args.head_negatives,
-        eval_every=args.eval_every, val_anchors_per_seq=args.val_anchors,
+        distill_alpha=args.distill_alpha, eval_every=args.eval_every, val_anchors_per_seq=args.val_anchors,
         save_every=args.save_every, log_every=args.log_every, progress=args.progress,
     )
     result = train_drafter(

@@ -24,6 +24,12 @@ Layout of `out_dir`:
     and per record `{id, shard, offset, length, prompt_len, input_ids}`. It is rewritten
     atomically after every shard, so an interrupted run loses at most the unflushed buffer.
 
+Distillation targets (`topk=K > 0`): the same forward also gives the target's next-token
+distribution at every position; its K most likely tokens and their log-probs (full-vocabulary
+log-softmax, fp32) are stored next to the features as `topk_ids` (N, K) int32 and `topk_logprobs`
+(N, K) float32, row t being the distribution of token t+1. 8 bytes per token per k: K=8 adds 64
+bytes to the ~4.6 KB of features per token. `store.topk(i)` reads them back.
+
 Resumable: records whose id is already in the index are skipped (same id with different tokens is
 an error). A cache made for another model or other layer ids is refused with a ValueError instead of
 being mixed with new features.
@@ -122,14 +128,24 @@ def check_index(index: Mapping, *, layer_ids, identity: Mapping | None = None, p
 
 
 @torch.no_grad()
-def target_features(target, input_ids: torch.Tensor, layer_ids) -> torch.Tensor:
-    """(T,) token ids -> (T, len(layer_ids) * H) hidden states of the selected target layers (model dtype)."""
+def target_features(target, input_ids: torch.Tensor, layer_ids, topk: int = 0):
+    """(T,) token ids -> (T, len(layer_ids) * H) hidden states of the selected target layers (model dtype).
+
+    With topk=K > 0 returns (features, topk_ids (T, K) long, topk_logprobs (T, K) fp32) instead: row t
+    is the target's distribution of token t+1 (full-vocabulary log-softmax in fp32, its K largest).
+    """
     sel = [int(i) + 1 for i in layer_ids]
     device = next(target.parameters()).device
     ids = input_ids.to(device)[None]
     out = target(input_ids=ids, position_ids=torch.arange(ids.shape[1], device=device)[None],
-                 output_hidden_states=hidden_states_request(sel), use_cache=False, logits_to_keep=1)
-    return gather_features(out, sel)[0]
+                 output_hidden_states=hidden_states_request(sel), use_cache=False,
+                 logits_to_keep=0 if topk else 1)
+    feats = gather_features(out, sel)[0]
+    if not topk:
+        return feats
+    logp = torch.log_softmax(out.logits[0].float(), dim=-1)  # (T, V)
+    top = logp.topk(int(topk), dim=-1)
+    return feats, top.indices, top.values
 
 
 def _record_ids(rec: Mapping) -> tuple[list[int], int]:
@@ -147,6 +163,7 @@ def extract_features(
     shard_tokens: int = 1 << 20,
     dtype: torch.dtype = torch.bfloat16,
     max_length: int | None = None,
+    topk: int = 0,
     progress: bool = True,
 ) -> dict:
     """Run `target` once over each record's prompt+response and cache the selected layers in `out_dir`.
@@ -155,6 +172,8 @@ def extract_features(
     layer_ids: target decoder layers to keep (the drafter's `target_layer_ids`).
     shard_tokens: tokens per safetensors shard (1M tokens of SmolLM2 x 3 layers ~ 3.5 GB in bf16).
     max_length: truncate longer sequences to this many tokens (None: keep all).
+    topk: also store the target's K most likely next tokens and their log-probs per position (the
+    distillation targets, see the module docstring); a cache made with another K is refused.
     Returns the index dict (also written to `out_dir/index.json`). Records already in the index
     are skipped; a cache for other layers or another model raises ValueError.
     """
@@ -175,6 +194,7 @@ def extract_features(
             "hidden_size": identity["hidden_size"],
             "feature_dim": len(layer_ids) * identity["hidden_size"],
             "dtype": _dtype_name(dtype),
+            "topk": int(topk),
             "shards": [],
             "records": [],
         }
@@ -182,6 +202,9 @@ def extract_features(
         check_index(index, layer_ids=layer_ids, identity=identity, path=str(out))
         if index["dtype"] != _dtype_name(dtype):
             raise ValueError(f"The feature cache in {out} is stored as {index['dtype']}, not {_dtype_name(dtype)}.")
+        if int(index.get("topk", 0)) != int(topk):
+            raise ValueError(f"The feature cache in {out} holds the target's top-{index.get('topk', 0)} log-probs per "
+                             f"token, not top-{int(topk)}: use another --features-dir (or the same --distill-topk).")
 
     known = {r["id"]: r for r in index["records"]}
     todo = []
@@ -204,22 +227,28 @@ def extract_features(
         todo.append((rid, ids, plen))
 
     buf: list[torch.Tensor] = []
+    buf_ids: list[torch.Tensor] = []
+    buf_lp: list[torch.Tensor] = []
     buf_meta: list[dict] = []
     buf_tokens = 0
 
     def flush():
-        nonlocal buf, buf_meta, buf_tokens
+        nonlocal buf, buf_ids, buf_lp, buf_meta, buf_tokens
         if not buf:
             return
         shard_id = len(index["shards"])
         name = f"features-{shard_id:05d}.safetensors"
-        save_file({"features": torch.cat(buf, 0).contiguous()}, str(out / name), metadata={"format": FORMAT})
+        tensors = {"features": torch.cat(buf, 0).contiguous()}
+        if topk:
+            tensors["topk_ids"] = torch.cat(buf_ids, 0).to(torch.int32).contiguous()  # (N, K)
+            tensors["topk_logprobs"] = torch.cat(buf_lp, 0).contiguous()  # (N, K) fp32
+        save_file(tensors, str(out / name), metadata={"format": FORMAT})
         index["shards"].append(name)
         for m in buf_meta:
             m["shard"] = shard_id
             index["records"].append(m)
         _atomic_write_json(out / INDEX, index)
-        buf, buf_meta, buf_tokens = [], [], 0
+        buf, buf_ids, buf_lp, buf_meta, buf_tokens = [], [], [], [], 0
 
     total = sum(len(ids) for _, ids, _ in todo)
     bar = tqdm(total=total, unit="tok", unit_scale=True, desc="target features", disable=not progress or not todo)
@@ -228,7 +257,12 @@ def extract_features(
     t0 = time.perf_counter()
     try:
         for rid, ids, plen in todo:
-            feats = target_features(target, torch.tensor(ids, dtype=torch.long), layer_ids).to("cpu", dtype)
+            got = target_features(target, torch.tensor(ids, dtype=torch.long), layer_ids, topk)
+            if topk:
+                got, top_ids, top_lp = got
+                buf_ids.append(top_ids.cpu())
+                buf_lp.append(top_lp.cpu())
+            feats = got.to("cpu", dtype)
             buf_meta.append({"id": rid, "offset": buf_tokens, "length": len(ids), "prompt_len": plen, "input_ids": ids})
             buf.append(feats)
             buf_tokens += len(ids)
@@ -258,6 +292,7 @@ class FeatureStore:
         self.records = index["records"]
         self.layer_ids = [int(i) for i in index["layer_ids"]]
         self.feature_dim = int(index["feature_dim"])
+        self.topk_k = int(index.get("topk", 0))  # 0: no distillation targets in this cache
         self._handles: dict[int, Any] = {}
 
     def __len__(self) -> int:
@@ -277,6 +312,16 @@ class FeatureStore:
     def features(self, i: int) -> torch.Tensor:
         r = self.records[i]
         return self._handle(r["shard"]).get_slice("features")[r["offset"]: r["offset"] + r["length"]]
+
+    def topk(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Record i's distillation targets: ((T, K) token ids (long), (T, K) fp32 log-probs); row t is token t+1."""
+        if not self.topk_k:
+            raise ValueError(f"the feature cache in {self.dir} holds no target top-k log-probs: extract features "
+                             "with topk > 0 (`hf-ddtree train-drafter --distill-topk K`) into a new --features-dir.")
+        r = self.records[i]
+        h = self._handle(r["shard"])
+        rows = slice(r["offset"], r["offset"] + r["length"])
+        return h.get_slice("topk_ids")[rows].long(), h.get_slice("topk_logprobs")[rows]
 
     def input_ids(self, i: int) -> torch.Tensor:
         return torch.tensor(self.records[i]["input_ids"], dtype=torch.long)

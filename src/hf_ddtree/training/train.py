@@ -24,6 +24,14 @@ checkpointing when there is more than one chunk) so a 49k-150k vocabulary fits i
 target's `embed_tokens` and `lm_head` are frozen and shared (they are not in the drafter's
 state_dict); only drafter parameters train.
 
+Distillation (`distill_alpha=a > 0`, needs a feature cache made with `topk=K`): each labelled row's
+loss becomes `(1 - a) * CE(label) + a * CE(p_target)`, where p_target is the target's own distribution
+of that token (its top-K log-probs stored with the features, renormalised over the K), i.e. the
+cross-entropy to the teacher's soft distribution instead of its argmax alone. The teacher of the
+token at position t is the target's next-token distribution at t-1 given the TRUE prefix, so for a
+greedy record its argmax is the label itself; what the soft part adds is the rest of the ranking,
+which the tree's second and third branches use. The block decay weights apply to both terms.
+
 Variable-prefix mode (`prefix_mode=True`, the D^2SD drafter): per block, k ~ U{0..bs-2} clean
 tokens after the anchor are given as real embeddings (`[tok a, tok a+1 .. a+k, mask, ...]`), the
 loss covers only the masked positions and the decay is counted from the first masked position.
@@ -110,6 +118,7 @@ class TrainConfig:
     logits_chunk: int = 1024
     head_vocab: int = 0  # >0: softmax over the N most frequent training tokens + the step's labels (see `head_shortlist`)
     head_negatives: int | None = None  # random other tokens per step with head_vocab; None: head_vocab // 2
+    distill_alpha: float = 0.0  # weight of the soft (target top-k) cross-entropy; needs a cache with topk > 0
     eval_every: int = 100
     val_anchors_per_seq: int = 32
     save_every: int = 200
@@ -207,6 +216,7 @@ class Blocks:
     block_ids: torch.Tensor  # (N*bs,) token ids fed as noise: [tok a, (clean tokens), mask, ...]
     labels: torch.Tensor  # (N*bs,) target token or IGNORE
     distance: torch.Tensor  # (N*bs,) block position minus number of given tokens - 1 (>= 1 where labelled)
+    label_pos: torch.Tensor  # (N*bs,) sequence position of each row's label (clamped to T-1 where unlabelled)
     position_ids: torch.Tensor  # (T + N*bs,)
     allowed: torch.Tensor  # (N*bs, T + N*bs) bool: query may attend key
 
@@ -226,7 +236,8 @@ def make_blocks(input_ids: torch.Tensor, anchors: torch.Tensor, block_size: int,
     owner = torch.arange(N).repeat_interleave(bs)  # block of each query row
     ctx_visible = torch.arange(T)[None, :] < anchors.repeat_interleave(bs)[:, None]
     allowed = torch.cat([ctx_visible, owner[:, None] == owner[None, :]], dim=1)
-    return Blocks(block_ids.reshape(-1), labels.reshape(-1), distance.reshape(-1), position_ids, allowed)
+    return Blocks(block_ids.reshape(-1), labels.reshape(-1), distance.reshape(-1),
+                  pos.clamp(max=T - 1).reshape(-1), position_ids, allowed)
 
 
 def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -250,30 +261,57 @@ def drafter_forward(drafter, embed, features: torch.Tensor, blocks: Blocks, mask
     return out[0]
 
 
-def _chunk_loss(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    logits = F.linear(h.to(weight.dtype), weight)
-    ce = F.cross_entropy(logits.float(), labels, reduction="none")
+def _chunk_loss(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, w: torch.Tensor,
+                soft_ids: torch.Tensor | None = None, soft_p: torch.Tensor | None = None,
+                alpha: float = 0.0) -> torch.Tensor:
+    logp = torch.log_softmax(F.linear(h.to(weight.dtype), weight).float(), dim=-1)  # (R, V')
+    ce = -logp.gather(1, labels[:, None])[:, 0]
+    if soft_ids is not None and alpha > 0:
+        soft = -(soft_p * logp.gather(1, soft_ids)).sum(-1)  # cross-entropy to the teacher's top-k
+        ce = (1.0 - alpha) * ce + alpha * soft
     return (ce * w).sum()
 
 
 def weighted_ce_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor,
-                    chunk: int = 1024) -> torch.Tensor:
+                    chunk: int = 1024, soft: tuple[torch.Tensor, torch.Tensor] | None = None,
+                    alpha: float = 0.0) -> torch.Tensor:
     """sum_i w_i * CE(hidden_i @ weight.T, label_i) over labelled rows, in chunks of `chunk` rows.
 
     weight: the frozen lm_head weight (see `head_weight`). With more than one chunk each chunk is
     checkpointed, so only one chunk's logits live at a time (the matmul is recomputed in backward).
+    soft: per row ((R, K) teacher token ids as rows of `weight`, (R, K) teacher probabilities summing
+    to 1); with alpha > 0 each row's loss is (1 - alpha) * CE(label) + alpha * CE(teacher) (distillation).
     """
     keep = labels != IGNORE
     h, y, w = hidden[keep], labels[keep].to(hidden.device), weights[keep].to(hidden.device)
     if h.shape[0] == 0:
         return hidden.sum() * 0.0
+    if soft is not None and alpha > 0:
+        si, sp = soft[0][keep].to(hidden.device), soft[1][keep].to(hidden.device)
+    else:
+        si, sp, alpha = None, None, 0.0
     if h.shape[0] <= chunk:
-        return _chunk_loss(h, weight, y, w)
+        return _chunk_loss(h, weight, y, w, si, sp, alpha)
     total = hidden.new_zeros((), dtype=torch.float32)
     for s in range(0, h.shape[0], chunk):
+        part = (si[s:s + chunk], sp[s:s + chunk]) if si is not None else (None, None)
         total = total + checkpoint(_chunk_loss, h[s:s + chunk], weight, y[s:s + chunk], w[s:s + chunk],
-                                   use_reentrant=False)
+                                   *part, alpha, use_reentrant=False)
     return total
+
+
+def teacher_targets(store: FeatureStore, i: int, blocks: Blocks, k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Record i's distillation targets for `blocks`' rows: ((N*bs, K) token ids, (N*bs, K) probabilities).
+
+    The teacher of the token at sequence position t is the target's next-token distribution at t-1
+    (stored by `extract_features(topk=K)`); its top-k log-probs are renormalised over the k kept.
+    Unlabelled rows get a harmless copy (their loss weight is 0).
+    """
+    ids, logp = store.topk(i)  # (T, K), (T, K); row t is the distribution of token t+1
+    if k is not None:
+        ids, logp = ids[:, :k], logp[:, :k]
+    src = (blocks.label_pos - 1).clamp(min=0)
+    return ids[src], torch.softmax(logp[src], dim=-1)
 
 
 def token_counts(store: FeatureStore, records: Sequence[int], vocab_size: int) -> torch.Tensor:
@@ -292,16 +330,19 @@ def head_shortlist(counts: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def restrict_head(weight: torch.Tensor, shortlist: torch.Tensor, labels: Sequence[torch.Tensor],
-                  negatives: int = 0, generator: torch.Generator | None = None):
+                  negatives: int = 0, generator: torch.Generator | None = None,
+                  soft_ids: Sequence[torch.Tensor] | None = None):
     """Rows of `weight` for shortlist ∪ labels ∪ `negatives` random other ids, and the labels re-indexed.
 
     weight: (V, H); shortlist: (n,) sorted ids; labels: per sequence (L_i,) ids or IGNORE.
     The random negatives (drawn uniformly from the ids not already kept) push the rest of the
     vocabulary down over the steps; without them the drafter is free to put mass on tokens it never
     sees in a softmax, and full-vocabulary argmax at inference lands on them.
-    Returns ((n', H) weight, [(L_i,) re-indexed labels]).
+    soft_ids: per sequence (L_i, K) distillation teacher ids, also kept and re-indexed.
+    Returns ((n', H) weight, [(L_i,) re-indexed labels]), plus [(L_i, K) re-indexed soft ids] with soft_ids.
     """
     real = [y[y != IGNORE] for y in labels]
+    real += [s.reshape(-1) for s in soft_ids or ()]
     keep = torch.unique(torch.cat([shortlist, *real]))  # sorted
     if negatives > 0:
         rest = torch.ones(weight.shape[0], dtype=torch.bool)
@@ -315,6 +356,8 @@ def restrict_head(weight: torch.Tensor, shortlist: torch.Tensor, labels: Sequenc
         m = y != IGNORE
         z[m] = torch.searchsorted(keep, y[m])
         out.append(z)
+    if soft_ids is not None:
+        return weight[keep.to(weight.device)], out, [torch.searchsorted(keep, s) for s in soft_ids]
     return weight[keep.to(weight.device)], out
 
 
@@ -612,6 +655,12 @@ def train_drafter(target, drafter: DFlashDraftModel, store: FeatureStore, out_di
     if not train_idx:
         raise ValueError("no training record has a response token to predict.")
     val_idx = list(val_idx)
+    distill = float(cfg.distill_alpha)
+    if not 0.0 <= distill <= 1.0:
+        raise ValueError(f"distill_alpha={distill} is out of range: use a weight in [0, 1] (0 turns distillation off).")
+    if distill > 0 and not store.topk_k:
+        raise ValueError(f"distill_alpha={distill} needs the target's top-k log-probs, but the feature cache in "
+                         f"{store.dir} has none: extract features with --distill-topk K into a new --features-dir.")
     total_steps = cfg.steps if cfg.steps is not None else max(
         1, math.ceil(cfg.epochs * steps_per_epoch(store, train_idx, cfg)))
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(round(cfg.warmup_ratio * total_steps))
@@ -707,21 +756,26 @@ def train_drafter(target, drafter: DFlashDraftModel, store: FeatureStore, out_di
                 prefix = sample_prefix_lens(ids.shape[0], anchors, bs, g) if cfg.prefix_mode else None
                 blocks = make_blocks(ids, anchors, bs, mask_id, prefix)
                 w = decay_weight(blocks.distance, gamma) * (blocks.labels != IGNORE)
-                plan.append((feats, blocks, w))
+                soft = teacher_targets(store, rec, blocks) if distill > 0 else None
+                plan.append((feats, blocks, w, soft))
                 q_tokens += blocks.block_ids.numel()
-            total_w = float(sum(float(w.sum()) for _, _, w in plan))
+            total_w = float(sum(float(w.sum()) for _, _, w, _ in plan))
             # ---- forward/backward per sequence, one optimiser step ---------------------------------
             optimizer.zero_grad(set_to_none=True)
             step_loss = 0.0
-            head, labels = lm_weight, [b.labels for _, b, _ in plan]
+            head, labels = lm_weight, [b.labels for _, b, _, _ in plan]
+            soft_ids = [s[0] for _, _, _, s in plan] if distill > 0 else None
             if shortlist is not None:
                 neg = cfg.head_negatives if cfg.head_negatives is not None else cfg.head_vocab // 2
-                head, labels = restrict_head(lm_weight, shortlist, labels, neg,
-                                             torch.Generator().manual_seed(cfg.seed * 7919 + step))
-            for (feats, blocks, w), y in zip(plan, labels):
+                head, labels, *rest = restrict_head(lm_weight, shortlist, labels, neg,
+                                                    torch.Generator().manual_seed(cfg.seed * 7919 + step), soft_ids)
+                soft_ids = rest[0] if rest else None
+            for k, ((feats, blocks, w, soft), y) in enumerate(zip(plan, labels)):
+                if soft is not None:
+                    soft = (soft_ids[k], soft[1])
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                     hidden = drafter_forward(drafter, embed, feats, blocks, mask_dtype)
-                    loss = weighted_ce_sum(hidden, head, y, w, cfg.logits_chunk) / max(total_w, 1e-12)
+                    loss = weighted_ce_sum(hidden, head, y, w, cfg.logits_chunk, soft, distill) / max(total_w, 1e-12)
                 loss.backward()
                 step_loss += float(loss.detach())
             if cfg.grad_clip and cfg.grad_clip > 0:
