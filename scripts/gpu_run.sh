@@ -66,6 +66,9 @@ else
     : "${VAL_FRACTION:=0.05}" "${VAL_ANCHORS:=32}" "${THREADS:=4}"
     : "${BENCH_LIMIT:=4}" "${BENCH_TOKENS:=128}" "${BENCH_WARMUP:=1}"
 fi
+# distillation on the target's top-K next-token log-probs (docs/models.md; 0: hard labels only)
+: "${DISTILL_TOPK:=8}"
+: "${DISTILL_ALPHA:=$( [[ "$DISTILL_TOPK" == 0 ]] && echo 0 || echo 0.5 )}"
 SHAREGPT_TOKENS=$(( RESP_TOKENS * 3 / 4 ))  # ShareGPT answers are chattier; 192 at GPU size, as shipped
 : "${BENCH_METHODS:=ar,ddtree:16,ddtree-lookup:16,pld}"
 : "${BENCH_DATASETS:=humaneval,gsm8k,mt-bench}"
@@ -132,7 +135,8 @@ stage "2. features + training: $TRAIN_STEPS steps x $BATCH_TOKENS block tokens, 
     --init-from-drafter "$SHIPPED" --steps "$TRAIN_STEPS" --batch-tokens "$BATCH_TOKENS" --anchors-per-seq "$ANCHORS" \
     --lr "$LR" --warmup-steps "$WARMUP" --val-fraction "$VAL_FRACTION" --val-anchors "$VAL_ANCHORS" \
     --eval-every "$TRAIN_STEPS" --save-every "$TRAIN_STEPS" --seed "$SEED" --threads "$THREADS" \
-    --max-minutes "$TRAIN_MINUTES" --no-progress > "$OUT/train/train.log" 2>&1 \
+    --max-minutes "$TRAIN_MINUTES" --distill-topk "$DISTILL_TOPK" --distill-alpha "$DISTILL_ALPHA" \
+    --no-progress > "$OUT/train/train.log" 2>&1 \
     || { echo "train-drafter failed:"; tail -n 40 "$OUT/train/train.log"; exit 1; }
 tail -n 2 "$OUT/train/train.log"
 SRC="$OUT/train/final"

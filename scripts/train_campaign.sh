@@ -8,8 +8,14 @@
 #
 # 1. responses: the target answers new prompts from the three training sources (one process per source,
 #    1 thread each, fp32, batched), for RESPONSE_MINUTES (killed then; the JSONL keeps every finished batch);
-# 2. features + training: warm-start from the shipped drafter on everything collected, for TRAIN_MINUTES.
+# 2. features + training: warm-start from the shipped drafter on everything collected (plus the responses of
+#    earlier campaigns listed in EARLIER, space-separated JSONL paths), for TRAIN_MINUTES, with distillation on
+#    the target's top-DISTILL_TOPK log-probs (weight DISTILL_ALPHA; DISTILL_TOPK=0: hard labels only).
+#
+#   EARLIER="runs/campaign2/data/all.jsonl" nice -n 19 bash scripts/train_campaign.sh runs/campaign4 45 55 4
 set -euo pipefail
+DISTILL_TOPK=${DISTILL_TOPK:-8}
+DISTILL_ALPHA=${DISTILL_ALPHA:-$( [[ "$DISTILL_TOPK" == 0 ]] && echo 0 || echo 0.5 )}
 RUN=${1:?run dir}; RESP_MIN=${2:?response minutes}; TRAIN_MIN=${3:?train minutes}; SEED=${4:-1}
 mkdir -p "$RUN/data"
 SHIPPED=$(python -c "import hf_ddtree, os; print(os.path.join(os.path.dirname(hf_ddtree.__file__), 'assets/drafters/smollm2-135m'))")
@@ -22,10 +28,11 @@ resp sharegpt 2000 192 32 &
 resp synthetic-math 2000 256 48 &
 resp python-stubs 2000 256 48 &
 wait
-cat "$RUN"/data/responses_{sharegpt,synthetic-math,python-stubs}.jsonl > "$RUN/data/all.jsonl"
+cat ${EARLIER:-} "$RUN"/data/responses_{sharegpt,synthetic-math,python-stubs}.jsonl > "$RUN/data/all.jsonl"
 echo "responses: $(wc -l < "$RUN/data/all.jsonl") records"
 hf-ddtree train-drafter --target smollm2-135m --target-dtype fp32 --responses "$RUN/data/all.jsonl" --out "$RUN/drafter" \
     --layers 2 --block-size 8 --target-layer-ids 1,10,18,27 --init-from-drafter "$SHIPPED" --epochs 2 \
     --batch-tokens 4096 --anchors-per-seq 32 --lr 8e-4 --warmup-steps 5 --threads 2 --seed "$SEED" \
-    --eval-every 60 --val-anchors 16 --save-every 30 --max-minutes "$TRAIN_MIN" > "$RUN/train.log" 2>&1
+    --eval-every 60 --val-anchors 16 --save-every 30 --max-minutes "$TRAIN_MIN" \
+    --distill-topk "$DISTILL_TOPK" --distill-alpha "$DISTILL_ALPHA" > "$RUN/train.log" 2>&1
 echo "done: $RUN/drafter"
