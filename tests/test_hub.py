@@ -287,6 +287,29 @@ def test_load_drafter_never_unpickles(env, target, tmp_path):
         load_drafter(out, use_safetensors=False)
 
 
+def test_bench_loads_a_hub_drafter_through_load_drafter(env, target, prompt, reference, tmp_path, monkeypatch):
+    """`hf-ddtree bench --drafter org/name` reads the cached repo as `load_drafter` does: safetensors only."""
+    import functools
+
+    import hf_ddtree.hub
+    from hf_ddtree.bench import cli as bench_cli
+
+    cache = tmp_path / "cache"
+    drafter = _drafter(target)
+    _cache_repo(cache, "org/bench-drafter", save_drafter(drafter, tmp_path / "repo"))
+    # the bench calls hf_ddtree.hub.load_drafter; point it at this test's cache (users get the default cache)
+    monkeypatch.setattr(hf_ddtree.hub, "load_drafter",
+                        functools.partial(load_drafter, cache_dir=cache, local_files_only=True))
+    loaded = bench_cli.load_drafter("org/bench-drafter", target, torch.float32)
+    _assert_same_weights(loaded, drafter)
+    _assert_generates(target, loaded, prompt, reference)
+    pickled = _cache_repo(cache, "org/pickled-drafter", save_drafter(drafter, tmp_path / "repo2"))
+    (pickled / "model.safetensors").unlink()
+    torch.save(drafter.state_dict(), pickled / "pytorch_model.bin")  # written, never read back
+    with pytest.raises(OSError):
+        bench_cli.load_drafter("org/pickled-drafter", target, torch.float32)
+
+
 # ------------------------------------------------------------------------------------------------
 # custom_generate="org/name"
 # ------------------------------------------------------------------------------------------------

@@ -218,10 +218,10 @@ def load_drafter(spec: str, target, dtype: torch.dtype, variant: str = "dflash")
         drafter = DFlashDraftModel.from_pretrained(str(folder), dtype=dtype)
         # a shortlist in the folder, as hub.load_drafter reads it (a plain attribute: .to() below leaves it)
         attach_draft_vocab(drafter, folder, target.get_output_embeddings().weight.shape[0])
-    else:
-        from transformers import AutoModel
+    else:  # a Hub id: the same loader users call (safetensors only, the shortlist attached, fields checked)
+        from hf_ddtree.hub import load_drafter as load_from_hub
 
-        drafter = AutoModel.from_pretrained(spec, trust_remote_code=True, dtype=dtype)
+        drafter = load_from_hub(spec, dtype=dtype)
     drafter = drafter.to(device=device, dtype=dtype).eval()
     validate_pair(target, drafter)
     return drafter
