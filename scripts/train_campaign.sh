@@ -9,7 +9,7 @@
 # 1. responses: the target answers new prompts from the three training sources (one process per source,
 #    1 thread each, fp32, batched), for RESPONSE_MINUTES (killed then; the JSONL keeps every finished batch);
 # 2. features + training: warm-start from the shipped drafter on everything collected (plus the responses of
-#    earlier campaigns listed in EARLIER, space-separated JSONL paths), for TRAIN_MINUTES, with distillation on
+#    earlier campaigns listed in EARLIER, space-separated JSONL paths; their prompts are not answered again), for TRAIN_MINUTES, with distillation on
 #    the target's top-DISTILL_TOPK log-probs (weight DISTILL_ALPHA; DISTILL_TOPK=0: hard labels only).
 #
 #   EARLIER="runs/campaign2/data/all.jsonl" nice -n 19 bash scripts/train_campaign.sh runs/campaign4 45 55 4
@@ -22,7 +22,7 @@ SHIPPED=$(python -c "import hf_ddtree, os; print(os.path.join(os.path.dirname(hf
 resp() {  # source limit max_new batch
     timeout --signal=INT "${RESP_MIN}m" hf-ddtree make-responses --target smollm2-135m --source "$1" --limit "$2" \
         --seed "$SEED" --modes greedy --max-new-tokens "$3" --batch-size "$4" --dtype fp32 --threads 1 \
-        --out "$RUN/data/responses_$1.jsonl" > "$RUN/data/responses_$1.log" 2>&1 || true
+        --out "$RUN/data/responses_$1.jsonl" --skip-answered ${EARLIER:-} > "$RUN/data/responses_$1.log" 2>&1 || true
 }
 resp sharegpt 2000 192 32 &
 resp synthetic-math 2000 256 48 &

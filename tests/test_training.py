@@ -477,3 +477,48 @@ def test_cli_distill_topk(target, records, tmp_path, monkeypatch):
     assert start["config"]["distill_alpha"] == 0.5
     with pytest.raises(SystemExit):  # distillation asked for on a cache without targets
         train_cli.train_drafter_main(argv[:-2] + ["--features-dir", str(tmp_path / "plain"), "--distill-alpha", "0.3"])
+
+
+# ---- responses: resumable, and prompts answered by earlier runs are skipped ---------------------------------------
+
+class _CharTokenizer:
+    """A tokenizer stand-in without a chat template: one id per character (1..126)."""
+
+    chat_template = None
+    pad_token_id = 0
+    eos_token_id = None
+
+    def __call__(self, text, return_tensors="pt"):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(input_ids=torch.tensor([[1 + ord(c) % 126 for c in text]]))
+
+
+def test_generate_responses_resumes_and_skips_earlier_answers(target, tmp_path):
+    from hf_ddtree.training.responses import answered_ids, generate_responses, read_records
+
+    prompts = [("p0", "abcdef"), ("p1", "xyz"), ("p2", "hello")]
+    first = tmp_path / "earlier.jsonl"
+    generate_responses(target, _CharTokenizer(), prompts[1:2], first, modes=["greedy"], max_new_tokens=5,
+                       source="t")
+    assert answered_ids([first]) == {"p1:greedy"}
+    out = tmp_path / "now.jsonl"
+    generate_responses(target, _CharTokenizer(), prompts, out, modes=["greedy"], max_new_tokens=5, batch_size=2,
+                       source="t", skip_ids=answered_ids([first]))
+    recs = read_records(out)
+    assert sorted(r["id"] for r in recs) == ["p0:greedy", "p2:greedy"]  # p1 was answered before
+    for r in recs:  # each record is the target's own greedy answer (left padding in the batch changes nothing)
+        ids = torch.tensor([r["prompt_ids"]])
+        ref = target.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False)
+        assert r["response_ids"] == ref[0, ids.shape[1]:].tolist() and r["source"] == "t"
+    generate_responses(target, _CharTokenizer(), prompts, out, modes=["greedy"], max_new_tokens=5,
+                       skip_ids=answered_ids([first]))
+    assert len(read_records(out)) == 2  # resumed: nothing left to answer
+
+
+def test_make_responses_refuses_a_missing_skip_file(tmp_path, capsys):
+    from hf_ddtree.cli import make_responses_main
+
+    with pytest.raises(SystemExit):
+        make_responses_main(["--out", str(tmp_path / "o.jsonl"), "--skip-answered", str(tmp_path / "nope.jsonl")])
+    assert "no such file" in capsys.readouterr().err

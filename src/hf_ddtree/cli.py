@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -102,12 +103,18 @@ def make_responses_main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:N")
     p.add_argument("--out", required=True)
+    p.add_argument("--skip-answered", nargs="*", default=[], metavar="JSONL",
+                   help="responses files of earlier runs: prompts answered there are not answered again")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     from hf_ddtree.data import load_training_prompts
     from hf_ddtree.models import load_target
-    from hf_ddtree.training.responses import generate_responses
+    from hf_ddtree.training.responses import answered_ids, generate_responses
+
+    missing = [f for f in args.skip_answered if not Path(f).is_file()]
+    if missing:
+        p.error(f"--skip-answered: no such file: {', '.join(missing)}")
 
     device = _pick_device(args.device)
     target, tokenizer = load_target(args.target, dtype=_dtype(args.dtype))
@@ -116,7 +123,7 @@ def make_responses_main(argv=None) -> int:
     pairs = [(p.id, p.text) for p in prompts]
     generate_responses(target, tokenizer, pairs, args.out, modes=args.modes.split(","),
                        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed,
-                       source=args.source)
+                       source=args.source, skip_ids=answered_ids(args.skip_answered))
     return 0
 
 

@@ -6,7 +6,8 @@ one record per line:
 
     {"id": str, "prompt_ids": [int], "response_ids": [int], "mode": "greedy"|"sample", "source": str}
 
-Resumable: records whose id is already in the file are skipped.
+Resumable: records whose id is already in the file are skipped, and so are the ids in `skip_ids`
+(the records of earlier runs: a later campaign that draws the same prompt does not answer it again).
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ def generate_responses(
     top_p: float = 0.95,
     seed: int = 0,
     source: str = "",
+    skip_ids: Iterable[str] = (),
 ) -> Path:
     """Answer every prompt with the target in each mode and append the records to `out_path`.
 
@@ -60,7 +62,7 @@ def generate_responses(
     """
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    done = _done_ids(out_path)
+    done = _done_ids(out_path) | set(skip_ids)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     eos = target.generation_config.eos_token_id
     eos_ids = set(eos if isinstance(eos, list) else [eos]) if eos is not None else set()
@@ -111,6 +113,14 @@ def generate_responses(
             bar.set_postfix(tokens=n_tokens)
         bar.close()
     return out_path
+
+
+def answered_ids(paths: Iterable[str | os.PathLike]) -> set[str]:
+    """The record ids in these responses JSONL files (what `generate_responses(skip_ids=...)` takes)."""
+    ids: set[str] = set()
+    for path in paths:
+        ids |= _done_ids(Path(path))
+    return ids
 
 
 def read_records(path: str | os.PathLike) -> list[dict]:
