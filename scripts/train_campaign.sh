@@ -9,13 +9,17 @@
 # 1. responses: the target answers new prompts from the three training sources (one process per source,
 #    1 thread each, fp32, batched), for RESPONSE_MINUTES (killed then; the JSONL keeps every finished batch);
 # 2. features + training: warm-start from the shipped drafter on everything collected (plus the responses of
-#    earlier campaigns listed in EARLIER, space-separated JSONL paths; their prompts are not answered again), for TRAIN_MINUTES, with distillation on
-#    the target's top-DISTILL_TOPK log-probs (weight DISTILL_ALPHA; DISTILL_TOPK=0: hard labels only).
+#    earlier campaigns listed in EARLIER, space-separated JSONL paths; their prompts are not answered again), for
+#    TRAIN_MINUTES. Distillation on the target's top-K log-probs is DISTILL_TOPK=K (stored with the features) plus
+#    DISTILL_ALPHA=A > 0; off by default: in campaign 3's A/B it trailed hard labels in held-out chain tau
+#    (docs/models.md, "Distillation").
 #
-#   EARLIER="runs/campaign2/data/all.jsonl" nice -n 19 bash scripts/train_campaign.sh runs/campaign4 45 55 4
+# FEATURES=DIR: the feature cache to extend (default RUN/drafter/features); pointing it at the previous campaign's
+# cache extracts features for the new records only (in that cache's format: with top-K log-probs if it has them).
+#
+#   EARLIER="runs/campaign2/data/all.jsonl runs/campaign3/data/new_only.jsonl" FEATURES=runs/campaign3/features \
+#       nice -n 19 bash scripts/train_campaign.sh runs/campaign4 45 55 4
 set -euo pipefail
-DISTILL_TOPK=${DISTILL_TOPK:-8}
-DISTILL_ALPHA=${DISTILL_ALPHA:-$( [[ "$DISTILL_TOPK" == 0 ]] && echo 0 || echo 0.5 )}
 RUN=${1:?run dir}; RESP_MIN=${2:?response minutes}; TRAIN_MIN=${3:?train minutes}; SEED=${4:-1}
 mkdir -p "$RUN/data"
 SHIPPED=$(python -c "import hf_ddtree, os; print(os.path.join(os.path.dirname(hf_ddtree.__file__), 'assets/drafters/smollm2-135m'))")
@@ -31,8 +35,9 @@ wait
 cat ${EARLIER:-} "$RUN"/data/responses_{sharegpt,synthetic-math,python-stubs}.jsonl > "$RUN/data/all.jsonl"
 echo "responses: $(wc -l < "$RUN/data/all.jsonl") records"
 hf-ddtree train-drafter --target smollm2-135m --target-dtype fp32 --responses "$RUN/data/all.jsonl" --out "$RUN/drafter" \
+    --features-dir "${FEATURES:-$RUN/drafter/features}" \
     --layers 2 --block-size 8 --target-layer-ids 1,10,18,27 --init-from-drafter "$SHIPPED" --epochs 2 \
     --batch-tokens 4096 --anchors-per-seq 32 --lr 8e-4 --warmup-steps 5 --threads 2 --seed "$SEED" \
     --eval-every 60 --val-anchors 16 --save-every 30 --max-minutes "$TRAIN_MIN" \
-    --distill-topk "$DISTILL_TOPK" --distill-alpha "$DISTILL_ALPHA" > "$RUN/train.log" 2>&1
+    ${DISTILL_TOPK:+--distill-topk "$DISTILL_TOPK"} --distill-alpha "${DISTILL_ALPHA:-0}" > "$RUN/train.log" 2>&1
 echo "done: $RUN/drafter"

@@ -397,6 +397,11 @@ def test_topk_features_are_the_targets_next_token_distribution(target, records, 
         extract_features(target, records, topk_store.dir, LAYERS, topk=2, progress=False)
     with pytest.raises(ValueError, match="top-0"):
         extract_features(target, records, store.dir, LAYERS, topk=K, progress=False)
+    # without an explicit K a cache is extended in its own format
+    part = tmp_path / "part"
+    extract_features(target, records[:3], part, LAYERS, topk=K, progress=False)
+    assert extract_features(target, records, part, LAYERS, progress=False)["topk"] == K
+    assert FeatureStore(part).topk(N_RECORDS - 1)[0].shape[1] == K
 
 
 def test_distillation_loss_is_cross_entropy_to_the_teacher(topk_store):
@@ -473,6 +478,9 @@ def test_cli_distill_topk(target, records, tmp_path, monkeypatch):
             "--save-every", "0", "--no-progress", "--distill-topk", "3"]
     assert train_cli.train_drafter_main(argv) == 0
     assert json.loads((out / "features" / "index.json").read_text())["topk"] == 3
+    start = json.loads((out / "train_log.jsonl").read_text().splitlines()[0])
+    assert start["config"]["distill_alpha"] == 0.0  # targets stored, hard labels unless asked
+    assert train_cli.train_drafter_main(argv + ["--distill-alpha", "0.5"]) == 0
     start = json.loads((out / "train_log.jsonl").read_text().splitlines()[0])
     assert start["config"]["distill_alpha"] == 0.5
     with pytest.raises(SystemExit):  # distillation asked for on a cache without targets

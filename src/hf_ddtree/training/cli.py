@@ -95,12 +95,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "+ random negatives (validation always uses the full vocabulary); 0: full softmax")
     g.add_argument("--head-negatives", type=int, default=None, metavar="K",
                    help="random other tokens in each step's softmax with --head-vocab (default N/2)")
-    g.add_argument("--distill-topk", type=int, default=0, metavar="K",
-                   help="store the target's top-K next-token log-probs with the features (distillation targets; "
-                        "a cache keeps the K it was made with)")
-    g.add_argument("--distill-alpha", type=float, default=None, metavar="A",
-                   help="weight of the cross-entropy to the target's top-K distribution, (1-A) on the hard label "
-                        "(default: 0.5 with --distill-topk, else 0)")
+    g.add_argument("--distill-topk", type=int, default=None, metavar="K",
+                   help="store the target's top-K next-token log-probs with the features (distillation targets). "
+                        "Default: what an existing --features-dir holds, 0 for a new one")
+    g.add_argument("--distill-alpha", type=float, default=0.0, metavar="A",
+                   help="weight of the cross-entropy to the target's top-K distribution, (1-A) on the hard label; "
+                        "needs a cache with top-K log-probs (0: hard labels only, the default: docs/models.md, "
+                        "\"Distillation\")")
     g.add_argument("--standardize-features", action=argparse.BooleanOptionalAction, default=True,
                    help="data-dependent fc init: scale its input columns by 1/RMS of each feature channel")
     g.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
@@ -202,8 +203,6 @@ def train_drafter_main(argv=None) -> int:
         extract_features(target, records, features_dir, layer_ids, shard_tokens=args.shard_tokens,
                          max_length=args.max_length, topk=args.distill_topk, progress=args.progress)
     store = FeatureStore(features_dir, layer_ids=layer_ids, identity=model_identity(target))
-    if args.distill_alpha is None:
-        args.distill_alpha = 0.5 if store.topk_k else 0.0
     if args.distill_alpha > 0 and not store.topk_k:
         parser.error(f"--distill-alpha {args.distill_alpha} needs target top-k log-probs, but the feature cache "
                      f"{features_dir} has none: pass --distill-topk K with a new --features-dir")

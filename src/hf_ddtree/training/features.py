@@ -163,7 +163,7 @@ def extract_features(
     shard_tokens: int = 1 << 20,
     dtype: torch.dtype = torch.bfloat16,
     max_length: int | None = None,
-    topk: int = 0,
+    topk: int | None = None,
     progress: bool = True,
 ) -> dict:
     """Run `target` once over each record's prompt+response and cache the selected layers in `out_dir`.
@@ -173,7 +173,8 @@ def extract_features(
     shard_tokens: tokens per safetensors shard (1M tokens of SmolLM2 x 3 layers ~ 3.5 GB in bf16).
     max_length: truncate longer sequences to this many tokens (None: keep all).
     topk: also store the target's K most likely next tokens and their log-probs per position (the
-    distillation targets, see the module docstring); a cache made with another K is refused.
+    distillation targets, see the module docstring). None: what an existing cache holds (0 for a new one),
+    so a cache is extended in its own format; an explicit K that differs from the cache's is refused.
     Returns the index dict (also written to `out_dir/index.json`). Records already in the index
     are skipped; a cache for other layers or another model raises ValueError.
     """
@@ -186,6 +187,8 @@ def extract_features(
     if bad:
         raise ValueError(f"layer ids {bad} are out of range for a target with {n_layers} layers.")
     index = load_index(out)
+    if topk is None:
+        topk = int(index.get("topk", 0)) if index is not None else 0
     if index is None:
         index = {
             "format": FORMAT,
