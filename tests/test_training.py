@@ -311,15 +311,21 @@ def test_trained_drafter_decodes_losslessly(target, records, trained):
         hf_ddtree.disable(target)
 
 
-def test_cli_end_to_end(target, records, tmp_path, monkeypatch):
+def _cli_run(target, records, tmp_path, monkeypatch, *extra: str) -> tuple[list[str], object]:
+    """train-drafter argv for a tiny run on `records` (the target patched in), and its OUT dir."""
     monkeypatch.setattr(train_cli, "_load_target", lambda name, dtype: (target, None))
     resp = tmp_path / "responses.jsonl"
     resp.write_text("".join(json.dumps(r) + "\n" for r in records))
     out = tmp_path / "run"
     argv = ["--target", "tiny", "--responses", str(resp), "--out", str(out), "--layers", "1", "--block-size",
-            str(BS), "--target-layer-ids", "0,2", "--mask-token-id", str(MASK), "--steps", "4", "--batch-tokens",
-            "128", "--anchors-per-seq", "8", "--no-bf16", "--val-fraction", "0.2", "--eval-every", "2",
-            "--save-every", "2", "--log-every", "1", "--stop-after", "2", "--no-progress"]
+            str(BS), "--target-layer-ids", "0,2", "--mask-token-id", str(MASK), "--batch-tokens", "128",
+            "--anchors-per-seq", "8", "--no-bf16", "--val-fraction", "0.2", "--no-progress", *extra]
+    return argv, out
+
+
+def test_cli_end_to_end(target, records, tmp_path, monkeypatch):
+    argv, out = _cli_run(target, records, tmp_path, monkeypatch, "--steps", "4", "--eval-every", "2",
+                         "--save-every", "2", "--log-every", "1", "--stop-after", "2")
     assert train_cli.train_drafter_main(argv) == 0
     assert not (out / "final").exists() and (out / "checkpoint-last").exists()
     assert train_cli.train_drafter_main(argv + ["--resume"]) == 0
@@ -468,14 +474,8 @@ def test_distillation_trains_and_is_refused_without_targets(target, store, topk_
 
 
 def test_cli_distill_topk(target, records, tmp_path, monkeypatch):
-    monkeypatch.setattr(train_cli, "_load_target", lambda name, dtype: (target, None))
-    resp = tmp_path / "responses.jsonl"
-    resp.write_text("".join(json.dumps(r) + "\n" for r in records))
-    out = tmp_path / "run"
-    argv = ["--target", "tiny", "--responses", str(resp), "--out", str(out), "--layers", "1", "--block-size",
-            str(BS), "--target-layer-ids", "0,2", "--mask-token-id", str(MASK), "--steps", "2", "--batch-tokens",
-            "128", "--anchors-per-seq", "8", "--no-bf16", "--val-fraction", "0.2", "--eval-every", "0",
-            "--save-every", "0", "--no-progress", "--distill-topk", "3"]
+    argv, out = _cli_run(target, records, tmp_path, monkeypatch, "--steps", "2", "--eval-every", "0",
+                         "--save-every", "0", "--distill-topk", "3")
     assert train_cli.train_drafter_main(argv) == 0
     assert json.loads((out / "features" / "index.json").read_text())["topk"] == 3
     start = json.loads((out / "train_log.jsonl").read_text().splitlines()[0])
