@@ -15,8 +15,6 @@ pops nodes in decreasing score (ties broken by the rank tuple, lexicographically
 from __future__ import annotations
 
 import heapq
-from dataclasses import dataclass, field
-
 import torch
 
 
@@ -38,29 +36,78 @@ def ancestor_matrix(parents: torch.Tensor, max_depth: int) -> torch.Tensor:
     return vis
 
 
-@dataclass
 class Tree:
-    tokens: torch.Tensor  # (N,) long: node token ids; tokens[0] = root; N = n + 1 + pad
-    parents: torch.Tensor  # (N,) long: parents[0] = -1 (and -1 for padding nodes)
-    depths: torch.Tensor  # (N,) long: depths[0] = 0 (and 0 for padding nodes)
-    scores: list[float]  # (n+1,) surrogate log-probability of the path to each real node; scores[0] = 0
-    children: list[dict[int, int]] = field(repr=False)  # children[i][token] = child node index (real nodes)
-    pad: int = 0  # padding nodes at the end (never walked, see only themselves)
+    """One row's draft tree (N rows = root + n drafted nodes + padding), tensors on any device.
+
+    tokens  (N,) long: node token ids; tokens[0] = root
+    parents (N,) long: parents[0] = -1 (and -1 for padding nodes)
+    depths  (N,) long: depths[0] = 0 (and 0 for padding nodes)
+    score   (N,) float64: surrogate log-probability of the path to each node (root 0, padding -inf)
+    num_nodes, max_depth, pad: host ints (drafted nodes, deepest depth, padding rows), so nothing
+    about the tree's shape needs a read of the device.
+    `scores` (a list) and `children` (dicts) are host views, read on first use only (budget policy,
+    tests, host tree merging): the loop's own round never touches them.
+    """
+
+    def __init__(self, tokens: torch.Tensor, parents: torch.Tensor, depths: torch.Tensor,
+                 scores: list[float] | None = None, children: list[dict[int, int]] | None = None, pad: int = 0, *,
+                 score: torch.Tensor | None = None, num_nodes: int | None = None, max_depth: int | None = None):
+        self.tokens, self.parents, self.depths, self.pad = tokens, parents, depths, int(pad)
+        n = tokens.shape[0] - self.pad - 1 if num_nodes is None else int(num_nodes)
+        self._num_nodes = n
+        if score is None:
+            if scores is None:
+                raise ValueError("Tree needs its node scores (a list `scores` or a tensor `score`).")
+            score = torch.tensor(list(scores) + [float("-inf")] * self.pad, dtype=torch.float64)
+        self.score = score
+        self._scores = None if scores is None else list(scores)
+        self._children = children
+        if max_depth is None:
+            max_depth = int(depths.max()) if depths.numel() else 0
+        self.max_depth = int(max_depth)
+        self.host_lists: tuple[list[int], list[int]] | None = None  # (tokens, parents) when built on the host
+
+    def __repr__(self) -> str:
+        return f"Tree(num_nodes={self.num_nodes}, max_depth={self.max_depth}, pad={self.pad}, device={self.tokens.device})"
 
     @property
     def num_nodes(self) -> int:
         """Number of drafted nodes, root and padding excluded."""
-        return len(self.scores) - 1
+        return self._num_nodes
+
+    @property
+    def scores(self) -> list[float]:
+        """(n+1,) host list of the real nodes' path scores (a read of `score` on first use)."""
+        if self._scores is None:
+            self._scores = self.score[:self.num_nodes + 1].tolist()
+        return self._scores
+
+    @property
+    def children(self) -> list[dict[int, int]]:
+        """children[i][token] = child node index, real nodes only (a host read on first use)."""
+        if self._children is None:
+            k = self.num_nodes + 1
+            toks, pars = self.host_lists or (self.tokens[:k].tolist(), self.parents[:k].tolist())
+            children: list[dict[int, int]] = [{} for _ in range(k)]
+            for i in range(1, k):
+                children[pars[i]][toks[i]] = i
+            self._children = children
+        return self._children
 
     @property
     def size(self) -> int:
         """Rows the verify forward sees: root + drafted + padding nodes."""
         return self.tokens.shape[0]
 
+    def to(self, device) -> "Tree":
+        """This tree with its tensors on `device`."""
+        return Tree(self.tokens.to(device), self.parents.to(device), self.depths.to(device), self._scores,
+                    self._children, self.pad, score=self.score.to(device), num_nodes=self.num_nodes,
+                    max_depth=self.max_depth)
+
     def visibility(self, device: torch.device | str | None = None) -> torch.Tensor:
         """(N, N) bool on `device`: [i, j] is True iff j is i or an ancestor of i."""
-        max_depth = int(self.depths.max()) if self.depths.numel() else 0
-        return ancestor_matrix(self.parents.to(device), max_depth)
+        return ancestor_matrix(self.parents.to(device), self.max_depth)
 
     def pad_to(self, size: int) -> "Tree":
         """This tree with padding nodes appended up to `size` rows (root included). A padding node
@@ -72,13 +119,17 @@ class Tree:
             raise ValueError(f"pad_to({size}): the tree already has {self.size} rows.")
         if extra == 0:
             return self
-        return Tree(torch.cat([self.tokens, self.tokens[:1].expand(extra)]),
-                    torch.cat([self.parents, self.parents.new_full((extra,), -1)]),
-                    torch.cat([self.depths, self.depths.new_zeros(extra)]),
-                    self.scores, self.children, extra)
+        out = Tree(torch.cat([self.tokens, self.tokens[:1].expand(extra)]),
+                   torch.cat([self.parents, self.parents.new_full((extra,), -1)]),
+                   torch.cat([self.depths, self.depths.new_zeros(extra)]),
+                   self._scores, self._children, extra,
+                   score=torch.cat([self.score, self.score.new_full((extra,), float("-inf"))]),
+                   num_nodes=self.num_nodes, max_depth=self.max_depth)
+        out.host_lists = self.host_lists  # the real nodes are unchanged
+        return out
 
     def path_to(self, node: int) -> list[int]:
-        """Node indices from the root to `node`, both included."""
+        """Node indices from the root to `node`, both included (a host read)."""
         parents = self.parents.tolist()
         path = [node]
         while parents[path[-1]] >= 0:
@@ -89,22 +140,35 @@ class Tree:
         """The tree of the first `num_nodes` drafted nodes (still prefix-closed: parents come first)."""
         if self.pad:
             raise ValueError("truncate a tree before padding it.")
+        num_nodes = max(0, min(int(num_nodes), self.num_nodes))
+        if num_nodes == self.num_nodes:
+            return self
         k = num_nodes + 1
-        children = [{t: c for t, c in ch.items() if c < k} for ch in self.children[:k]]
-        return Tree(self.tokens[:k], self.parents[:k], self.depths[:k], self.scores[:k], children)
+        children = None if self._children is None else [{t: c for t, c in ch.items() if c < k}
+                                                        for ch in self._children[:k]]
+        scores = None if self._scores is None else self._scores[:k]
+        # max_depth stays an upper bound (exact for the visibility pointer jumps: extra jumps are no-ops)
+        out = Tree(self.tokens[:k], self.parents[:k], self.depths[:k], scores, children,
+                   score=self.score[:k], num_nodes=num_nodes, max_depth=min(self.max_depth, num_nodes))
+        if self.host_lists is not None:
+            out.host_lists = (self.host_lists[0][:k], self.host_lists[1][:k])
+        return out
 
 
 def _make_tree(root_token: int, tokens: list[int], parents: list[int], depths: list[int], scores: list[float]) -> Tree:
     children: list[dict[int, int]] = [{} for _ in range(len(tokens) + 1)]
     for i, (tok, par) in enumerate(zip(tokens, parents), start=1):
         children[par][tok] = i
-    return Tree(
+    tree = Tree(
         tokens=torch.tensor([root_token] + tokens, dtype=torch.long),
         parents=torch.tensor([-1] + parents, dtype=torch.long),
         depths=torch.tensor([0] + depths, dtype=torch.long),
         scores=[0.0] + scores,
         children=children,
+        max_depth=max(depths, default=0),
     )
+    tree.host_lists = ([root_token] + tokens, [-1] + parents)
+    return tree
 
 
 def topk_per_position(draft_logprobs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -120,17 +184,18 @@ def build_tree(root_token: int, top_logprobs: torch.Tensor, top_ids: torch.Tenso
 
     Args:
         root_token: the last accepted token (node 0).
-        top_logprobs: (D, K) per-depth log-probs sorted descending (depth d+1 is row d).
-        top_ids: (D, K) the matching token ids.
+        top_logprobs: (D, K) per-depth log-probs sorted descending (depth d+1 is row d), a tensor
+            or the same as nested host lists.
+        top_ids: (D, K) the matching token ids (tensor or lists).
         budget: number of drafted nodes (root excluded); 0 gives the root alone.
         max_depth: optional depth limit <= D.
     Returns the tree of the `budget` best prefix-closed paths, nodes in pop order.
     """
     if budget < 0:
         raise ValueError(f"tree budget must be >= 0, got {budget}")
-    depth_limit = top_logprobs.shape[0] if max_depth is None else min(max_depth, top_logprobs.shape[0])
-    lp = top_logprobs.tolist()
-    ids = top_ids.tolist()
+    lp = top_logprobs.tolist() if isinstance(top_logprobs, torch.Tensor) else top_logprobs
+    ids = top_ids.tolist() if isinstance(top_ids, torch.Tensor) else top_ids
+    depth_limit = len(lp) if max_depth is None else min(max_depth, len(lp))
     width = len(lp[0]) if lp else 0
     tokens: list[int] = []
     parents: list[int] = []
@@ -155,6 +220,121 @@ def build_tree(root_token: int, top_logprobs: torch.Tensor, top_ids: torch.Tenso
             s = -neg + lp[depth][0]
             heapq.heappush(heap, (-s, ranks + (0,), node, -neg))
     return _make_tree(root_token, tokens, parents, depths, scores)
+
+
+def _beam_widths(width: int, depth_limit: int, budget: int) -> list[int]:
+    """Beam width per depth 1..depth_limit: min(budget, width**d), computed without overflow."""
+    out, w = [], 1
+    for _ in range(depth_limit):
+        w = min(budget, w * width)
+        out.append(w)
+    return out
+
+
+def _stable_order(keys: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
+    """(B, M) permutation sorting by score descending, ties by the rank tuples `keys` (B, M, J) ascending
+    (lexicographic over J packed int64 chunks): LSD, one stable sort per chunk, then one by score."""
+    B, M, J = keys.shape
+    perm = torch.arange(M, device=score.device).expand(B, M)
+    for j in range(J - 1, -1, -1):
+        order = torch.sort(keys[..., j].gather(1, perm), dim=1, stable=True).indices
+        perm = perm.gather(1, order)
+    order = torch.sort(score.gather(1, perm), dim=1, descending=True, stable=True).indices
+    return perm.gather(1, order)
+
+
+def build_trees(roots: torch.Tensor, top_logprobs: torch.Tensor, top_ids: torch.Tensor, budget: int,
+                max_depth: int | None = None) -> list[Tree]:
+    """`build_tree` for B rows at once, on the tensors' device, with no host read: the same trees
+    (nodes, pop order, ties, float64 scores) as the heap.
+
+    roots: (B,) long; top_logprobs / top_ids: (B, D, K) sorted descending per depth (`topk_per_position`).
+    The heap's first n pops are the n best prefixes in the order (score descending, rank tuple
+    ascending); that set is prefix-closed (a parent scores at least its child and its tuple is a
+    prefix), so its depth-d part lies among the children of its depth-(d-1) part. A beam over the
+    depths finds it: at depth d, the children of the kept depth-(d-1) nodes, laid out in
+    lexicographic tuple order (parent's place * K + rank), are stably sorted by score and the best
+    min(n, K**d) kept (re-sorted into tuple order). The best n of all kept nodes, in that order, are
+    the heap's pops. Scores are summed left to right in float64, as the heap sums Python floats.
+    Every row gets min(n, sum_d K**d) nodes (a host int): shapes depend on (n, K, D) only.
+    """
+    if budget < 0:
+        raise ValueError(f"tree budget must be >= 0, got {budget}")
+    B, D, K = top_logprobs.shape
+    device = top_logprobs.device
+    depth_limit = D if max_depth is None else min(max_depth, D)
+    widths = _beam_widths(K, depth_limit, budget) if K and budget else []
+    total = sum(widths)
+    n = min(budget, total)
+    roots = roots.to(device).long()
+    if n == 0:
+        return [Tree(roots[b:b + 1], roots.new_full((1,), -1), roots.new_zeros(1), score=torch.zeros(1, dtype=torch.float64,
+                     device=device), num_nodes=0, max_depth=0) for b in range(B)]
+    tokens, parents, depths, scores = beam_tree_tensors(roots, top_logprobs, top_ids, widths, n)
+    return [Tree(tokens[b], parents[b], depths[b], score=scores[b], num_nodes=n, max_depth=min(len(widths), n))
+            for b in range(B)]
+
+
+def beam_tree_tensors(roots: torch.Tensor, top_logprobs: torch.Tensor, top_ids: torch.Tensor, widths: list[int],
+                      n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The tensor core of `build_trees` (fixed shapes given the host ints `widths` and `n`, no host
+    read, so it compiles with `torch.compile(fullgraph=True)`): returns (B, n + 1) tokens, parents,
+    depths (long) and float64 scores, root first, nodes in pop order."""
+    B, D, K = top_logprobs.shape
+    device = top_logprobs.device
+    depth_limit = len(widths)
+    total = sum(widths)
+    lp = top_logprobs.double()  # (B, D, K)
+    bits = max(1, int(K).bit_length())  # a rank r is stored as r + 1 (0: past the tuple's end)
+    per = max(1, 62 // bits)  # tuple positions per int64 chunk
+    J = -(-depth_limit // per)
+    score_l, parent_l, tok_l, depth_l, tup_l = [], [], [], [], []
+    prev_score = torch.zeros(B, 1, dtype=torch.float64, device=device)  # the root
+    prev_tuple = torch.zeros(B, 1, depth_limit, dtype=torch.long, device=device)  # (B, w, depth_limit) r + 1, 0-padded
+    for d, w in enumerate(widths):
+        cand = (prev_score[:, :, None] + lp[:, d][:, None, :]).reshape(B, -1)  # (B, w_prev * K), tuple order
+        keep = torch.sort(cand, dim=1, descending=True, stable=True).indices[:, :w]
+        keep = torch.sort(keep, dim=1).values  # (B, w): back to tuple order
+        par, rank = keep.div(K, rounding_mode="floor"), keep % K  # place in the previous beam, rank
+        prev_score = cand.gather(1, keep)
+        tup = prev_tuple.gather(1, par[:, :, None].expand(-1, -1, depth_limit)).clone()
+        tup[:, :, d] = rank + 1
+        prev_tuple = tup
+        score_l.append(prev_score)
+        parent_l.append(par + sum(widths[:d - 1]) if d else torch.full_like(par, -1))  # flat index of the parent
+        tok_l.append(top_ids[:, d].gather(1, rank))
+        depth_l.append(torch.full_like(par, d + 1))
+        tup_l.append(tup)
+    score = torch.cat(score_l, 1)  # (B, M), M = total
+    parent = torch.cat(parent_l, 1)  # flat index of the parent (-1: root)
+    tok, depth = torch.cat(tok_l, 1), torch.cat(depth_l, 1)
+    tup = torch.cat(tup_l, 1)  # (B, M, depth_limit)
+    pad = J * per - depth_limit
+    if pad:
+        tup = torch.cat([tup, tup.new_zeros(B, total, pad)], 2)
+    shifts = (bits * torch.arange(per - 1, -1, -1, device=device))  # (per,)
+    keys = (tup.view(B, total, J, per) << shifts).sum(-1)  # (B, M, J)
+    sel = _stable_order(keys, score)[:, :n]  # (B, n): the pops, in pop order
+    node_of = torch.zeros(B, total + 1, dtype=torch.long, device=device)  # flat index + 1 -> node (0: root)
+    node_of.scatter_(1, sel + 1, torch.arange(1, n + 1, device=device).expand(B, n))
+    parents = node_of.gather(1, parent.gather(1, sel) + 1)  # (B, n)
+    tokens = torch.cat([roots[:, None], tok.gather(1, sel)], 1)  # (B, n + 1)
+    parents = torch.cat([parents.new_full((B, 1), -1), parents], 1)
+    depths = torch.cat([depth.new_zeros(B, 1), depth.gather(1, sel)], 1)
+    scores = torch.cat([score.new_zeros(B, 1), score.gather(1, sel)], 1)
+    return tokens, parents, depths, scores
+
+
+def build_chains(roots: torch.Tensor, draft_ids: torch.Tensor, draft_logprobs: torch.Tensor | None = None) -> list[Tree]:
+    """`build_chain` for B rows on the tensors' device: roots (B,), draft_ids / draft_logprobs (B, D)."""
+    B, D = draft_ids.shape
+    device = draft_ids.device
+    tokens = torch.cat([roots.to(device).long()[:, None], draft_ids.long()], 1)  # (B, D + 1)
+    parents = torch.arange(-1, D, device=device)
+    depths = torch.arange(D + 1, device=device)
+    lps = torch.zeros(B, D, dtype=torch.float64, device=device) if draft_logprobs is None else draft_logprobs.double()
+    scores = torch.cat([lps.new_zeros(B, 1), lps.cumsum(1)], 1)
+    return [Tree(tokens[b], parents, depths, score=scores[b], num_nodes=D, max_depth=D) for b in range(B)]
 
 
 def build_chain(root_token: int, draft_ids: torch.Tensor, draft_logprobs: torch.Tensor | None = None) -> Tree:
@@ -227,8 +407,7 @@ def merge_paths(root_token: int, paths: list[tuple[list[int], list[float]]], bud
 
 def tree_paths(tree: Tree) -> list[tuple[list[int], list[float]]]:
     """Every root-to-node path of `tree` as (tokens, log-prob increments), for `merge_paths`."""
-    toks = tree.tokens.tolist()
-    pars = tree.parents.tolist()
+    toks, pars = tree.host_lists or (tree.tokens.tolist(), tree.parents.tolist())
     sc = tree.scores
     out: list[tuple[list[int], list[float]]] = [([], [])]  # out[i]: the path to node i (root: empty)
     for i in range(1, len(toks)):  # parents come first: extend the parent's path (O(n * depth), not O(n^2))
