@@ -121,7 +121,7 @@ def mask_width(cache, past_len: int, num_new: int) -> int:
 
 @dataclass
 class CacheRows:
-    """Where each row of a batched target cache lives (the loop's bookkeeping; B rows).
+    """Where each row of a batched target cache lives (the loop's bookkeeping; B rows, host ints).
 
     All rows share one write pointer (the cache's own length, `write_at` = max(length)): a forward
     writes its tokens at slots [write_at, write_at + N) of every row. Row b's live entries are the
@@ -130,30 +130,35 @@ class CacheRows:
     each row's accepted tree nodes right after its own live entries). Slot s of row b holds
     position s - start[b], so the next token of row b sits at position length[b] - start[b].
 
-    start  (B,) long: left-padding slots of each row (0 without padding)
-    length (B,) long: slots in use by each row (padding included)
+    start  B ints: left-padding slots of each row (0 without padding)
+    length B ints: slots in use by each row (padding included)
+    Plain Python ints (tensors are accepted and converted): the layout is known on the host without
+    reading the device.
     """
 
-    start: torch.Tensor
-    length: torch.Tensor
+    start: list[int]
+    length: list[int]
+
+    def __post_init__(self):
+        self.start = [int(x) for x in (self.start.tolist() if isinstance(self.start, torch.Tensor) else self.start)]
+        self.length = [int(x) for x in (self.length.tolist() if isinstance(self.length, torch.Tensor) else self.length)]
 
     @classmethod
     def single(cls, past_len: int) -> "CacheRows":
         """One unpadded row holding `past_len` positions."""
-        return cls(torch.zeros(1, dtype=torch.long), torch.tensor([int(past_len)]))
+        return cls([0], [int(past_len)])
 
     @property
     def write_at(self) -> int:
-        return int(self.length.max())
+        return max(self.length)
 
     @property
-    def positions(self) -> torch.Tensor:
-        """(B,) long: the position of each row's next token (its root)."""
-        return self.length - self.start
+    def positions(self) -> list[int]:
+        """B ints: the position of each row's next token (its root)."""
+        return [n - s for s, n in zip(self.start, self.length)]
 
     def select(self, rows: list[int]) -> "CacheRows":
-        idx = torch.tensor(rows, dtype=torch.long)
-        return CacheRows(self.start[idx], self.length[idx])
+        return CacheRows([self.start[r] for r in rows], [self.length[r] for r in rows])
 
 
 def tree_attention_mask(visibility: torch.Tensor, past_len: int, kv_len: int, dtype: torch.dtype,
@@ -167,7 +172,7 @@ def tree_attention_mask(visibility: torch.Tensor, past_len: int, kv_len: int, dt
     out: a (1, 1, N, kv_len) buffer of `dtype` on `device` to write into (no allocation).
     The one-row case of `tree_attention_mask_rows`.
     """
-    real = None if num_real is None else torch.tensor([int(num_real)])
+    real = None if num_real is None else [int(num_real)]
     return tree_attention_mask_rows(visibility[None], CacheRows.single(past_len), kv_len, dtype, device,
                                     num_real=real, out=out)
 
@@ -181,7 +186,7 @@ def tree_attention_mask_rows(visibility: torch.Tensor, rows: CacheRows, kv_len: 
     nodes, other rows' trees are never visible: each row has its own mask).
 
     visibility: (B, N, N) bool, [b, i, j] = node j of row b's tree is i or an ancestor of i.
-    num_real: (B,) long or None: rows' nodes >= num_real[b] are padding: they see only themselves.
+    num_real: B ints or None: rows' nodes >= num_real[b] are padding: they see only themselves.
     out: a (B, 1, N, kv_len) buffer of `dtype` on `device` to write into (no allocation).
     Built with tensor ops on `device` (no Python loop over nodes or rows).
     """
@@ -192,11 +197,12 @@ def tree_attention_mask_rows(visibility: torch.Tensor, rows: CacheRows, kv_len: 
     rel = key - w  # key slot -> tree node index
     in_tree = (rel >= 0) & (rel < n)  # (K,)
     allowed = vis[:, :, rel.clamp(0, max(n - 1, 0))] & in_tree  # (B, N, K): ancestors and itself
-    start, length = rows.start.to(device), rows.length.to(device)
-    sees_cache = (key[None] >= start[:, None]) & (key[None] < length[:, None])  # (B, K)
+    bounds = torch.tensor([rows.start, rows.length] + ([] if num_real is None else [list(num_real)]),
+                          dtype=torch.long).to(device)  # one host-to-device copy: (2 or 3, B)
+    sees_cache = (key[None] >= bounds[0][:, None]) & (key[None] < bounds[1][:, None])  # (B, K)
     sees_cache = sees_cache[:, None, :]  # (B, 1, K)
     if num_real is not None:
-        sees_cache = sees_cache & (torch.arange(n, device=device)[None] < num_real.to(device)[:, None])[:, :, None]
+        sees_cache = sees_cache & (torch.arange(n, device=device)[None] < bounds[2][:, None])[:, :, None]
     allowed = allowed | sees_cache
     zero = torch.zeros((), dtype=dtype, device=device)
     neg = torch.tensor(torch.finfo(dtype).min, dtype=dtype, device=device)
@@ -224,8 +230,9 @@ def sliding_window_mask_rows(mask: torch.Tensor, depths: torch.Tensor, rows: Cac
     device = mask.device
     depths = depths.to(device)
     w = rows.write_at
-    q_pos = rows.positions.to(device)[:, None] + depths  # (B, n)
-    k_pos = torch.arange(kv_len, device=device)[None] - rows.start.to(device)[:, None]  # (B, kv_len)
+    at = torch.tensor([rows.positions, rows.start], dtype=torch.long).to(device)  # (2, B)
+    q_pos = at[0][:, None] + depths  # (B, n)
+    k_pos = torch.arange(kv_len, device=device)[None] - at[1][:, None]  # (B, kv_len)
     k_pos = k_pos.clone()
     k_pos[:, w:w + n] = q_pos
     outside = k_pos[:, None, :] <= (q_pos[:, :, None] - window)  # (B, n, kv_len)
@@ -239,7 +246,7 @@ def tree_attention_masks(config, visibility: torch.Tensor, depths: torch.Tensor,
 
     visibility: (N, N) bool, node i sees node j; depths: (N,) depth of each node (root = 0).
     """
-    real = None if num_real is None else torch.tensor([int(num_real)])
+    real = None if num_real is None else [int(num_real)]
     return tree_attention_masks_rows(config, visibility[None], depths[None], CacheRows.single(past_len), kv_len,
                                      dtype, device, num_real=real, out=out)
 
@@ -280,27 +287,70 @@ def _set_length(layer, end: int, what: str) -> None:
         raise TypeError(f"cannot {what} cache layer {type(layer).__name__}")
 
 
-def compact_rows(cache, rows: CacheRows, keep: list[torch.Tensor]) -> CacheRows:
+def compact_rows(cache, rows: CacheRows, keep: list[torch.Tensor] | list[list[int]]) -> CacheRows:
     """Batched `compact`: the tree was written at slots [rows.write_at, + N) of every row; move row
-    b's nodes `keep[b]` (indices into its tree, root = 0, ascending) to slots
+    b's nodes `keep[b]` (indices into its tree, root = 0, ascending; host lists or tensors) to slots
     [rows.length[b], + len(keep[b])) of that row, and set the cache's length to the longest row.
     Only the kept entries move (O(accepted) per row). Returns the new layout."""
+    keep = [k.tolist() if isinstance(k, torch.Tensor) else list(k) for k in keep]
     w = rows.write_at
-    counts = torch.tensor([k.numel() for k in keep], dtype=torch.long)
-    new = CacheRows(rows.start.clone(), rows.length + counts)
-    row_idx = torch.cat([torch.full((k.numel(),), b, dtype=torch.long) for b, k in enumerate(keep)])
-    src = torch.cat([k.cpu().long() + w for k in keep])
-    dst = torch.cat([torch.arange(int(rows.length[b]), int(rows.length[b]) + k.numel()) for b, k in enumerate(keep)])
-    end = new.write_at
-    moves = bool((src != dst).any())  # decided on the host: no device sync per layer
+    row_idx = [b for b, k in enumerate(keep) for _ in k]
+    src = [i + w for k in keep for i in k]
+    dst = [rows.length[b] + j for b, k in enumerate(keep) for j in range(len(k))]
+    new = CacheRows(list(rows.start), [n + len(k) for n, k in zip(rows.length, keep)])
+    if src != dst:  # decided on the host: no device sync per layer
+        _move(cache, torch.tensor([row_idx, src, dst], dtype=torch.long))
+    _set_lengths(cache, new.write_at, "compact")
+    return new
+
+
+def move_paths(cache, rows: CacheRows, paths: torch.Tensor) -> None:
+    """The device half of compacting accepted paths, with no host read: row b's path nodes
+    `paths[b]` ((B, P) long on the cache's device, node indices into the tree written at slots
+    [rows.write_at, + N), root first, padded past the path's end with any node index) go to slots
+    [rows.length[b], + P). Entries past a row's accepted length land in slots past its new length
+    (stale, masked, overwritten later; P <= N keeps them inside the cache). Then `set_lengths`
+    with the counts the host has read."""
+    B, P = paths.shape
+    dev = paths.device
+    base = torch.tensor(rows.length, dtype=torch.long).to(dev)  # (B,)
+    steps = torch.arange(P, device=dev)
+    row_idx = torch.arange(B, device=dev)[:, None].expand(B, P).reshape(-1)
+    src = (paths + rows.write_at).reshape(-1)
+    dst = (base[:, None] + steps[None]).reshape(-1)
+    _move(cache, torch.stack([row_idx, src, dst]))
+
+
+def set_lengths(cache, rows: CacheRows, counts: list[int]) -> CacheRows:
+    """After `move_paths`: row b now holds `counts[b]` more slots. Returns the new layout."""
+    new = CacheRows(list(rows.start), [n + int(c) for n, c in zip(rows.length, counts)])
+    _set_lengths(cache, new.write_at, "compact")
+    return new
+
+
+def _move(cache, index: torch.Tensor) -> None:
+    """index: (3, M) long rows (batch row, source slot, destination slot), moved to each layer's
+    device once per device (not per layer)."""
+    on: dict[torch.device, torch.Tensor] = {}
     for layer in cache.layers:
         dev = layer.keys.device
-        if moves:
-            r, s_, d = row_idx.to(dev), src.to(dev), dst.to(dev)
-            layer.keys[r, :, d] = layer.keys[r, :, s_]  # the right side is a copy: overlap-safe
-            layer.values[r, :, d] = layer.values[r, :, s_]
-        _set_length(layer, end, "compact")
-    return new
+        if dev not in on:
+            on[dev] = index.to(dev)
+        move_kv(layer.keys, layer.values, on[dev])
+
+
+def move_kv(keys: torch.Tensor, values: torch.Tensor, index: torch.Tensor) -> None:
+    """keys / values (B, H, S, D): copy slot index[1] of row index[0] to slot index[2], in place, for
+    the (3, M) long `index`; the right side is gathered first, so overlapping moves are safe. Pure
+    tensor work (compiles with `torch.compile(fullgraph=True)`)."""
+    r, s_, d = index[0], index[1], index[2]
+    keys[r, :, d] = keys[r, :, s_]
+    values[r, :, d] = values[r, :, s_]
+
+
+def _set_lengths(cache, end: int, what: str) -> None:
+    for layer in cache.layers:
+        _set_length(layer, end, what)
 
 
 def select_rows(cache, rows: list[int], layout: CacheRows) -> CacheRows:
@@ -308,12 +358,16 @@ def select_rows(cache, rows: list[int], layout: CacheRows) -> CacheRows:
     with the cache's length set to the longest kept row. Layers that hold nothing yet are skipped."""
     idx = torch.tensor(rows, dtype=torch.long)
     new = layout.select(rows)
+    on: dict[torch.device, torch.Tensor] = {}
     end = new.write_at
     for layer in cache.layers:
         if getattr(layer, "keys", None) is None or layer.keys.numel() == 0:
             continue
-        layer.keys = layer.keys[idx.to(layer.keys.device)]
-        layer.values = layer.values[idx.to(layer.values.device)]
+        dev = layer.keys.device
+        if dev not in on:
+            on[dev] = idx.to(dev)
+        layer.keys = layer.keys[on[dev]]
+        layer.values = layer.values[on[dev]]
         if isinstance(layer, StaticLayer):
             layer.batch_size = len(rows)
         _set_length(layer, end, "select rows of")
