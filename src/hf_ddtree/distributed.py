@@ -207,13 +207,33 @@ def leader_walk(tp: TPGroup | None, walk: Callable[[], tuple[list[int], int]], m
     return buf[2:2 + k].tolist(), int(buf[1])
 
 
+def leader_accept(tp: TPGroup | None, accept: Callable):
+    """`accept(trees, tokens, parents, visibility, depths, scores, do_sample, max_depth)` (`verify.accept_on_device`
+    / `accept_on_host`) on the leader only; its (paths, counts, next tokens, packed) on every rank, on the scores' device.
+    One broadcast of (B, 2P + 1) int64 rows: the paths, then the packed commit."""
+    if tp is None:
+        return accept
+
+    def on_leader(trees, tokens, parents, visibility, depths, scores, do_sample, max_depth):
+        B, P = tokens.shape[0], max_depth + 1
+        buf = torch.zeros(B, 2 * P + 1, dtype=torch.int64)
+        if tp.is_leader:
+            paths, _, _, packed = accept(trees, tokens, parents, visibility, depths, scores, do_sample, max_depth)
+            buf = torch.cat([paths, packed], 1).cpu()
+        buf = _broadcast(tp, buf).to(scores.device)
+        paths, packed = buf[:, :P], buf[:, P:]
+        return paths, packed[:, 0], packed[:, -1], packed
+
+    return on_leader
+
+
 def leader_tree(tp: TPGroup | None, tree: Tree) -> Tree:
     """The leader's tree on every rank (the leader keeps its own object). Two broadcasts: the node
-    count, then (4, n+1) float64 rows tokens, parents, depths, scores (ids are exact in float64)."""
+    count and max_depth, then (4, n+1) float64 rows tokens, parents, depths, scores (ids are exact in float64)."""
     if tp is None:
         return tree
-    n = _broadcast(tp, torch.tensor([tree.num_nodes if tp.is_leader else 0], dtype=torch.int64))
-    n = int(n[0])
+    head = _broadcast(tp, torch.tensor([tree.num_nodes, tree.max_depth] if tp.is_leader else [0, 0], dtype=torch.int64))
+    n, max_depth = head.tolist()  # max_depth too: the accept broadcast's shape (leader_accept) depends on it
     buf = torch.zeros(4, n + 1, dtype=torch.float64)
     if tp.is_leader:
         buf[0], buf[1], buf[2] = tree.tokens.double(), tree.parents.double(), tree.depths.double()
@@ -222,7 +242,9 @@ def leader_tree(tp: TPGroup | None, tree: Tree) -> Tree:
     if tp.is_leader:
         return tree
     ints = buf[:3].to(torch.int64).tolist()
-    return _make_tree(ints[0][0], ints[0][1:], ints[1][1:], ints[2][1:], buf[3, 1:].tolist())
+    tree = _make_tree(ints[0][0], ints[0][1:], ints[1][1:], ints[2][1:], buf[3, 1:].tolist())
+    tree.max_depth = max_depth  # the leader's bound (build_trees' may exceed the deepest node)
+    return tree
 
 
 def _broadcast_object(tp: TPGroup, obj):

@@ -22,11 +22,12 @@ from transformers.generation.logits_process import (
     TypicalLogitsWarper,
     EpsilonLogitsWarper,
     EtaLogitsWarper,
+    PrefixConstrainedLogitsProcessor,
 )
 
 from .cache import CacheRows, mask_width, tree_attention_masks_rows
 from .compat import cache_kwargs, gather_features, hidden_states_request
-from .tree import Tree
+from .tree import Tree, ancestor_matrix
 
 # processors whose output depends only on the scores row, not on the token prefix
 _PREFIX_FREE = (
@@ -42,13 +43,33 @@ _PREFIX_FREE = (
 
 @dataclass
 class Verified:
-    """What one tree verification gives the loop (one row; N = tree.size rows incl. root and padding)."""
+    """What one verification of B trees (N rows each, root and padding included) gives the loop,
+    all on the target's device: nothing here has been read by the host.
 
-    raw: torch.Tensor  # (N, V) target logits before processors
-    scores: torch.Tensor  # (N, V) float32 processed logits (what the target picks from)
-    features: torch.Tensor | None  # (N, F) concatenated selected hidden states, or None
-    path: list[int]  # accepted node indices, root (0) first
-    next_token: int  # the target's own token after the last accepted node (the bonus token)
+    raw       (B, N, V) target logits before processors
+    scores    (B, N, V) float32 processed logits (what the target picks from)
+    features  (B, N, F) concatenated selected hidden states, or None
+    paths     (B, P) long: accepted node indices, root first; entries past counts[b] repeat the root
+              (P = deepest depth + 1)
+    counts    (B,) long: accepted drafted nodes per row (the path has counts[b] + 1 nodes)
+    next_tokens (B,) long: the target's own token after each row's last accepted node (the bonus token)
+    packed    (B, P + 1) long: [count, path tokens at depths 1..P-1, next token]: the one tensor the
+              host reads per round (`unpack` turns the read into per-row token lists)
+    """
+
+    raw: torch.Tensor
+    scores: torch.Tensor
+    features: torch.Tensor | None
+    paths: torch.Tensor
+    counts: torch.Tensor
+    next_tokens: torch.Tensor
+    packed: torch.Tensor
+
+
+def unpack(packed_rows: list[list[int]]) -> list[tuple[int, list[int]]]:
+    """The host's read of `Verified.packed` (`.tolist()`) -> per row (accepted count, committed tokens:
+    the accepted path's tokens then the target's next token)."""
+    return [(row[0], row[1:1 + row[0]] + [row[-1]]) for row in packed_rows]
 
 
 def run_tree(target, tree: Tree, cache, past_len: int, hidden_indices: list[int] | None,
@@ -71,18 +92,25 @@ def run_trees(target, trees: list[Tree], cache, rows: CacheRows, hidden_indices:
     Returns logits (B, N, V) and the selected hidden states concatenated (B, N, F) (or None).
     """
     device = target.device
+    tokens = torch.stack([t.tokens for t in trees]).to(device)  # (B, N)
+    depths = torch.stack([t.depths for t in trees]).to(device)  # (B, N)
+    visibility = torch.stack([t.visibility(device) for t in trees])  # (B, N, N)
+    return _forward_trees(target, trees, tokens, depths, visibility, cache, rows, hidden_indices, mask_out, forward)
+
+
+def _forward_trees(target, trees: list[Tree], tokens: torch.Tensor, depths: torch.Tensor, visibility: torch.Tensor,
+                   cache, rows: CacheRows, hidden_indices, mask_out, forward):
+    """`run_trees` on the trees' stacked tensors (B, N) / (B, N, N), already on the target's device."""
+    device = tokens.device
     n = trees[0].size
     if any(t.size != n for t in trees):
         raise ValueError(f"run_trees needs trees of one size (pad them), got sizes {[t.size for t in trees]}.")
-    ids = torch.stack([t.tokens for t in trees]).to(device)  # (B, N)
-    depths = torch.stack([t.depths for t in trees])  # (B, N)
-    position_ids = depths.to(device) + rows.positions.to(device)[:, None]  # (B, N)
-    visibility = torch.stack([t.visibility(device) for t in trees])  # (B, N, N)
-    num_real = torch.tensor([t.size - t.pad for t in trees])
+    position_ids = depths + torch.tensor(rows.positions, dtype=torch.long).to(device)[:, None]  # (B, N)
+    num_real = [t.size - t.pad for t in trees]
     mask = tree_attention_masks_rows(target.config, visibility, depths, rows, mask_width(cache, rows.write_at, n),
                                      target.dtype, device, num_real=num_real, out=mask_out)
     out = (forward or target)(
-        input_ids=ids,
+        input_ids=tokens,
         position_ids=position_ids,
         attention_mask=mask,  # (B, 1, N, kv_len), or {layer type: mask} for hybrid targets
         **cache_kwargs(target, cache),
@@ -102,27 +130,90 @@ def verify_tree(target, tree: Tree, cache, past_len: int, hidden_indices: list[i
     prefix: (1, L) committed ids ending with the root. The cache is left holding the whole tree:
     `cache.compact(cache, past_len, path)` keeps the accepted path."""
     return verify_trees(target, [tree], cache, CacheRows.single(past_len), hidden_indices, logits_processor,
-                        [prefix], do_sample, mask_out, accept, forward)[0]
+                        [prefix], do_sample, mask_out, accept, forward)
 
 
 def verify_trees(target, trees: list[Tree], cache, rows: CacheRows, hidden_indices: list[int] | None,
                  logits_processor, prefixes: list[torch.Tensor], do_sample: bool,
-                 mask_out: torch.Tensor | None = None, accept=None, forward=None) -> list[Verified]:
-    """A round's verification of B rows: `run_trees` (one forward), then per row the processors per
-    node and the accept walk. prefixes[b]: (1, L_b) row b's committed ids ending with its root (what
-    stock generate() would pass the processors for that row, left padding included). The cache is
-    left holding every tree: `cache.compact_rows` keeps the accepted paths. logits_processor: one list for
-    every row, or a tuple of B of them (`row_processors`). accept: the walk,
-    `(tree, scores, do_sample) -> (path, next_token)` (default `walk`; tensor-parallel targets pass
-    one that walks on the leader and broadcasts). forward: see `run_trees`."""
-    raw, features = run_trees(target, trees, cache, rows, hidden_indices, mask_out, forward)
-    out = []
+                 mask_out: torch.Tensor | None = None, accept=None, forward=None) -> Verified:
+    """A round's verification of B rows: `run_trees` (one forward), the processors by depth
+    (`process_scores`) and the accept walk (`accept_paths`), all on the device, no host read.
+    prefixes[b]: (1, L_b) row b's committed ids ending with its root (what stock generate() would
+    pass the processors for that row, left padding included). The cache is left holding every
+    tree: `cache.move_paths` + `cache.set_lengths` keep the accepted paths. logits_processor: one
+    list for every row, or a tuple of B of them (`row_processors`). accept: the walk,
+    `(trees, tokens, parents, visibility, depths, scores, do_sample, max_depth) -> (paths, counts,
+    next tokens, packed)`: `accept_on_device` (the default) or `accept_on_host`; tensor-parallel
+    targets wrap it to walk on the leader and broadcast. forward: see `run_trees`."""
+    device = target.device
+    tokens = torch.stack([t.tokens for t in trees]).to(device)  # (B, N)
+    parents = torch.stack([t.parents for t in trees]).to(device)
+    depths = torch.stack([t.depths for t in trees]).to(device)
+    max_depth = max(t.max_depth for t in trees)
+    visibility = torch.stack([ancestor_matrix(parents[b], max_depth) for b in range(len(trees))])  # (B, N, N)
+    raw, features = _forward_trees(target, trees, tokens, depths, visibility, cache, rows, hidden_indices,
+                                   mask_out, forward)
+    scores = torch.stack([
+        process_scores(logits_processor[b] if isinstance(logits_processor, tuple) else logits_processor,
+                       prefixes[b], tree, raw[b], visibility[b], depths[b])
+        for b, tree in enumerate(trees)])  # (B, N, V)
+    paths, counts, nxt, packed = (accept or accept_on_device)(trees, tokens, parents, visibility, depths, scores,
+                                                              do_sample, max_depth)
+    return Verified(raw, scores, features, paths, counts, nxt, packed)
+
+
+def accept_on_device(trees, tokens, parents, visibility, depths, scores, do_sample, max_depth):
+    """The loop's accept step on an accelerator: `accept_paths` (no host read)."""
+    return accept_paths(tokens, parents, visibility, depths, scores, do_sample, max_depth)
+
+
+def accept_on_host(trees, tokens, parents, visibility, depths, scores, do_sample, max_depth):
+    """The loop's accept step when the device is the host (CPU): the node-by-node `walk` per row (a few
+    argmax reads, which cost nothing there, instead of the whole-tree tensor work), returned in
+    `accept_paths`' form so the rest of the round is the same."""
+    P = max_depth + 1
+    rows, paths = [], []
     for b, tree in enumerate(trees):
-        procs = logits_processor[b] if isinstance(logits_processor, tuple) else logits_processor
-        scores = process_scores(procs, prefixes[b], tree, raw[b])
-        path, nxt = (accept or walk)(tree, scores, do_sample)
-        out.append(Verified(raw[b], scores, None if features is None else features[b], path, nxt))
-    return out
+        path, nxt = walk(tree, scores[b], do_sample)
+        toks = tree.host_lists[0] if tree.host_lists else tree.tokens.tolist()
+        fill = [0] * (P - len(path))
+        paths.append(path + fill)
+        rows.append([len(path) - 1] + [toks[i] for i in path[1:]] + fill + [nxt])
+    packed = torch.tensor(rows, dtype=torch.long, device=scores.device)  # (B, P + 1)
+    return torch.tensor(paths, dtype=torch.long, device=scores.device), packed[:, 0], packed[:, -1], packed
+
+
+def accept_paths(tokens: torch.Tensor, parents: torch.Tensor, visibility: torch.Tensor, depths: torch.Tensor,
+                 scores: torch.Tensor, do_sample: bool, max_depth: int):
+    """The accept walk of B trees on the device, with no host read and no per-node Python.
+
+    tokens / parents / depths: (B, N) long; visibility: (B, N, N) bool (`ancestor_matrix`);
+    scores: (B, N, V) processed scores. Every node gets the target's choice (argmax, or ONE draw
+    from softmax(scores[node])); a node matches when its token is its parent's choice, it is
+    accepted when it and all its ancestors match, and the deepest accepted node ends the path
+    (the children of a node carry distinct tokens, so at most one node per depth is accepted).
+    Walking from the root and following the child that carries the choice visits exactly these
+    nodes, and each visited node's choice is one independent draw from its own distribution: the
+    same tokens (greedy) and the same law (sampling) as stock decoding.
+    Returns paths (B, P) (root-padded), counts (B,), next tokens (B,), packed (B, P + 1)
+    (see `Verified`); P = max_depth + 1.
+    """
+    B, N, V = scores.shape
+    if do_sample:
+        choice = torch.multinomial(torch.softmax(scores.reshape(B * N, V), dim=-1), 1).view(B, N)
+    else:
+        choice = scores.argmax(-1)  # (B, N): the first maximum, like int(torch.argmax(row))
+    node = torch.arange(N, device=tokens.device)
+    match = torch.where(parents >= 0, tokens == choice.gather(1, parents.clamp(min=0)), node == 0)  # (B, N)
+    accepted = ~(visibility & ~match[:, None, :]).any(-1)  # (B, N): it and every ancestor match
+    deepest = torch.where(accepted, depths, -1).argmax(1)  # (B,)
+    counts = depths.gather(1, deepest[:, None])[:, 0]
+    nxt = choice.gather(1, deepest[:, None])[:, 0]
+    on_path = visibility.gather(1, deepest[:, None, None].expand(B, 1, N))[:, 0]  # (B, N)
+    at_depth = on_path[:, None, :] & (depths[:, None, :] == torch.arange(max_depth + 1, device=tokens.device)[None, :, None])
+    paths = at_depth.to(torch.uint8).argmax(-1)  # (B, P): the path's node at each depth (0 = root past its end)
+    packed = torch.cat([counts[:, None], tokens.gather(1, paths[:, 1:]), nxt[:, None]], 1)
+    return paths, counts, nxt, packed
 
 
 def row_processors(logits_processor: LogitsProcessorList | None, row: int) -> LogitsProcessorList | None:
@@ -146,28 +237,54 @@ def row_processors(logits_processor: LogitsProcessorList | None, row: int) -> Lo
     return out
 
 
+def _row_wise(proc) -> bool:
+    """A processor that treats every row of (R, L) ids on its own, so it may see a tree's nodes as R
+    rows: transformers' own processors, except those that read the row index."""
+    return (type(proc).__module__.startswith("transformers.generation")
+            and not isinstance(proc, PrefixConstrainedLogitsProcessor))
+
+
 def process_scores(logits_processor: LogitsProcessorList | None, prefix: torch.Tensor, tree: Tree,
-                   logits: torch.Tensor) -> torch.Tensor:
+                   logits: torch.Tensor, visibility: torch.Tensor | None = None,
+                   depths: torch.Tensor | None = None) -> torch.Tensor:
     """Apply generate()'s logits processors to every node with that node's own token prefix.
 
-    prefix: (1, L) committed ids, ending with the root token. logits: (n+1, V).
-    Prefix-free processors (temperature, top-k/p, ...) run once on all rows; any other processor
-    (repetition penalty, no-repeat-ngram, min-new-tokens, ...) runs per node on `prefix + path`,
-    exactly as stock generate() would call it at that position.
+    prefix: (1, L) committed ids, ending with the root token. logits: (N, V).
+    visibility (N, N) / depths (N,): the tree's ancestor matrix and depths on the logits' device
+    (computed when not given).
+    Prefix-free processors (temperature, top-k/p, ...) run once on all rows. Any other processor
+    list (repetition penalty, no-repeat-ngram, min-new-tokens, ...) runs once per depth d on all N
+    rows with ids = prefix + each node's ancestors at depths 1..d, and node i keeps the output of
+    its own depth's call: exactly what stock generate() computes at that node's position, in
+    max_depth + 1 batched calls and no host read. A processor that reads the row index
+    (`prefix_allowed_tokens_fn`) or one from outside transformers runs per node on (1, L + d) ids.
     """
     scores = logits.float()
     if not logits_processor:
         return scores
+    N = scores.shape[0]
     if all(isinstance(p, _PREFIX_FREE) for p in logits_processor):
-        ids = prefix.expand(scores.shape[0], -1)
-        return logits_processor(ids, scores)
-    rows = []
-    tokens = tree.tokens.to(prefix.device)
-    for i in range(scores.shape[0]):
-        path = tree.path_to(i)[1:]  # a padding node has no parent: the prefix alone  # root is already the last id of prefix
-        ids = torch.cat([prefix, tokens[path][None]], dim=-1) if path else prefix
-        rows.append(logits_processor(ids, scores[i:i + 1]))
-    return torch.cat(rows, dim=0)
+        return logits_processor(prefix.expand(N, -1), scores)
+    device = scores.device
+    if depths is None:
+        depths = tree.depths.to(device)
+    if visibility is None:
+        visibility = ancestor_matrix(tree.parents.to(device), tree.max_depth)
+    D = tree.max_depth
+    tokens = tree.tokens.to(device)
+    # anc[i, k]: node i's ancestor at depth k (any node where i has none: its output is not kept)
+    at_depth = visibility[:, :, None] & (depths[None, :, None] == torch.arange(D + 1, device=device)[None, None])
+    anc_tok = tokens[at_depth.to(torch.uint8).argmax(1)]  # (N, D + 1)
+    ids = torch.cat([prefix.expand(N, -1), anc_tok[:, 1:]], dim=-1)  # (N, L + D)
+    L = prefix.shape[1]
+    if not all(_row_wise(p) for p in logits_processor):
+        path = tree.depths.tolist()  # host fallback: per node
+        return torch.cat([logits_processor(ids[i:i + 1, :L + path[i]], scores[i:i + 1]) for i in range(N)])
+    out = scores
+    for d in range(D + 1):
+        got = logits_processor(ids[:, :L + d], scores.clone())
+        out = got if d == 0 else torch.where((depths == d)[:, None], got, out)
+    return out
 
 
 def choose(scores_row: torch.Tensor, do_sample: bool) -> int:
@@ -178,7 +295,7 @@ def choose(scores_row: torch.Tensor, do_sample: bool) -> int:
 
 
 def walk(tree: Tree, scores: torch.Tensor, do_sample: bool) -> tuple[list[int], int]:
-    """Follow the target's choices down the tree.
+    """The accept walk on the host, node by node (the reference `accept_paths` is tested against).
 
     At each node the target picks a token (`choose`: argmax of `scores[node]`, or a sample from
     softmax(scores[node])); if a child carries that token we move there, else we stop.
