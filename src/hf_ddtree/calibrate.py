@@ -249,7 +249,8 @@ def measure_latency(target, drafter, max_nodes: int, *, ns: Sequence[int] | None
         _sync(device)
         t0 = time.perf_counter()
         v = _verify.verify_tree(target, t, kv, past_len, hidden_idx, None, ids, False, mask_out, forward=forward)
-        _cache.compact(kv, past_len, torch.tensor(v.path, dtype=torch.long, device=device))
+        _cache.move_paths(kv, _cache.CacheRows.single(past_len), v.paths)  # the loop's compaction
+        _cache.set_lengths(kv, _cache.CacheRows.single(past_len), v.packed[:, 0].tolist())
         _sync(device)
         dt = time.perf_counter() - t0
         _cache.compact(kv, past_len, empty)  # back to exactly past_len cached tokens

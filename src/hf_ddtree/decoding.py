@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import numbers
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -18,18 +19,19 @@ from typing import Callable
 import torch
 from transformers import GenerationMixin
 from transformers.cache_utils import StaticCache
-from transformers.generation.stopping_criteria import StopStringCriteria, StoppingCriteriaList
+from transformers.generation.stopping_criteria import (EosTokenCriteria, MaxLengthCriteria, MaxTimeCriteria, StopStringCriteria,
+                                                       StoppingCriteriaList)
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
-from .cache import CacheRows, compact, compact_rows, make_cache, mask_width, select_rows
+from .cache import CacheRows, compact, make_cache, mask_width, move_paths, select_rows, set_lengths
 from .compat import (CACHE_FIELD, cache_from_kwargs, cache_kwargs, compile_config_of, compile_requested, compiled_call,
                      gather_features, hidden_states_request)
-from .distributed import check_tensor_parallel, leader_tree, leader_token, leader_walk
+from .distributed import check_tensor_parallel, leader_accept, leader_tree, leader_token
 from .drafter import DrafterSpec, is_dflash_drafter, validate_pair
 from .propose import (D2SD_ALTERNATIVES, D2SD_BOUNDARIES, D2SD_MAX_BRANCHES, D2SD_METHODS, DEFAULT_MAX_TREE_BUDGET,
                       DEFAULT_TREE_BUDGET, MAX_TREE_BUDGET, METHODS, Round, make_proposer)
-from .tree import Tree, build_chain
-from .verify import choose, row_processors, verify_trees, walk
+from .tree import Tree, build_chains
+from .verify import accept_on_device, accept_on_host, choose, row_processors, unpack, verify_trees
 
 
 @dataclass
@@ -191,6 +193,7 @@ def speculative_decoding(
     d2sd_boundaries: int = D2SD_BOUNDARIES,
     d2sd_alternatives: int = D2SD_ALTERNATIVES,
     pad_tree: bool = False,
+    device_round: bool | None = None,
     **model_kwargs,
 ):
     """The hf_ddtree loop, with the signature generate() uses for a callable `custom_generate`.
@@ -208,6 +211,12 @@ def speculative_decoding(
     collect_timing: fill the DecodeStats *_s fields (returned as `.stats` with return_dict_in_generate).
     pad_tree: pad every tree to `tree_budget` + 1 rows (fixed verify shape, e.g. for a compiled forward;
     eager gains nothing from it).
+    device_round: build the tree and walk it on the device with no host read (one read per round, for
+    what it commits); False: the host heap and the node-by-node walk (a few reads, free where the
+    device is the host). None (default): the environment's HF_DDTREE_DEVICE_ROUND (1 / 0) if set, else
+    on the device unless the target runs on the CPU, where the host way is faster (docs/benchmarks.md,
+    "Host time per round"). Output is the same either way (the test suite runs the device round on
+    CPU by default, tests/conftest.py).
 
     Compiled forwards follow generate()'s own rule (`compile_forwards`): when stock generate() would
     compile its decoding forward (cache_implementation="static" on cuda/xpu/..., or any device with
@@ -241,91 +250,34 @@ def speculative_decoding(
     want_scores = bool(generation_config.return_dict_in_generate and generation_config.output_scores)
     want_logits = bool(generation_config.return_dict_in_generate and generation_config.output_logits)
 
-    cache = None
     # inputs_embeds without input_ids: the prompt is in the cache but not in `ids` (stock returns only the new
     # tokens then); `offset` is the number of cache positions in front of ids[0]
     embeds = model_kwargs.get("inputs_embeds")
     offset = embeds.shape[1] - input_ids.shape[1] if embeds is not None else 0
     attn = model_kwargs.get("attention_mask")
     padded = attn is not None and not bool(attn.all())
-    left_pad = (attn == 0).sum(-1).cpu().long() if padded else torch.zeros(B, dtype=torch.long)  # (B,)
-
-    # Per row, by ORIGINAL row index b: its sequence so far (1, L_b) as stock holds it (prompt padding included),
-    # processed scores / raw logits per new token, tokens committed per round, and the length it may reach.
-    seqs: list[torch.Tensor] = [input_ids[b:b + 1] for b in range(B)]
-    row_scores: list[list[torch.Tensor]] = [[] for _ in range(B)]  # (1, V) each
-    row_logits: list[list[torch.Tensor]] = [[] for _ in range(B)]
-    row_acceptance: list[list[int]] = [[] for _ in range(B)]
-    end_len = [max_length] * B
-    stopped: list[int | None] = [None] * B  # length at which a stopping criterion fired
-    active = list(range(B))  # original indices of the rows still decoding, in batch order
+    left_pad = (attn == 0).sum(-1).tolist() if padded else [0] * B  # B ints
+    rows = _Rows(input_ids, max_length, stopping_criteria, has_eos, pad_id, want_scores, want_logits, streamer)
+    cache = None
 
     def finish():
         if streamer is not None:
             streamer.end()
-        P0 = input_ids.shape[1]
-        if B == 1:
-            ids = seqs[0]
-        else:
-            width = max(min(seq.shape[1], end_len[b]) for b, seq in enumerate(seqs))
-            fill = pad_id if pad_id is not None else 0
-            ids = input_ids.new_full((B, width), fill)
-            for b, seq in enumerate(seqs):
-                n = min(seq.shape[1], width)
-                ids[b, :n] = seq[0, :n]
+        ids = rows.sequences()
         if not generation_config.return_dict_in_generate:
             return ids
         out_cache = None
         if B == 1 and cache is not None:  # like stock's: the K/V of every token but the last (no tree slots, no cut path)
-            compact(cache, offset + ids.shape[1] - 1, ids.new_empty(0))
+            compact(cache, offset + ids.shape[1] - 1, [])
             out_cache = cache
-
-        def steps(per_row):  # tuple over new tokens of (B, V); a finished row shows its pad as certain
-            if B == 1:
-                return tuple(per_row[0])
-            if ids.shape[1] == P0:  # nothing generated (the prompt already reached max_length)
-                return ()
-            V = next(t for r in per_row for t in r).shape[-1]
-            pad_row = torch.full((1, V), float("-inf"), device=device)
-            if pad_id is not None:
-                pad_row[0, pad_id] = 0.0
-            return tuple(torch.cat([r[t] if t < len(r) else pad_row for r in per_row]) for t in range(ids.shape[1] - P0))
-
         return DDTreeGenerateOutput(
             sequences=ids,
-            scores=steps(row_scores) if want_scores else None,
-            logits=steps(row_logits) if want_logits else None,
+            scores=rows.steps(rows.scores, ids.shape[1]) if want_scores else None,
+            logits=rows.steps(rows.logits, ids.shape[1]) if want_logits else None,
             **{CACHE_FIELD: out_cache},
-            acceptance_lengths=list(row_acceptance[0]) if B == 1 else [list(a) for a in row_acceptance],
+            acceptance_lengths=list(rows.acceptance[0]) if B == 1 else [list(a) for a in rows.acceptance],
             stats=stats,
         )
-
-    def commit(b: int, new_tokens: list[int], scores: list[torch.Tensor], raw: list[torch.Tensor]) -> int:
-        """Append row b's tokens one by one, checking the stopping criteria after each exactly as stock does
-        for that row (on its own (1, L) ids and its scores so far). Returns the number appended."""
-        seq, added = seqs[b], []
-        for j, tok in enumerate(new_tokens):
-            if seq.shape[1] >= end_len[b]:
-                break
-            seq = torch.cat([seq, seq.new_tensor([[tok]])], dim=-1)
-            added.append(tok)
-            if want_scores:
-                row_scores[b].append(scores[j][None])
-            if want_logits:
-                row_logits[b].append(raw[j][None].float())
-            if stopped[b] is None:
-                # stock passes its scores tuple (all processed scores so far) when output_scores, else None
-                if bool(stopping_criteria(seq, tuple(row_scores[b]) if want_scores else None).all()):
-                    stopped[b] = seq.shape[1]
-                    if has_eos or B == 1:
-                        end_len[b] = seq.shape[1]
-                    elif all(x is not None for x in stopped):  # the last row stopped: that is every row's length
-                        for r in range(B):
-                            end_len[r] = seq.shape[1]
-        seqs[b] = seq
-        if streamer is not None and added:
-            streamer.put(torch.tensor(added, dtype=torch.long))
-        return len(added)
 
     if input_ids.shape[1] >= max_length:
         return finish()
@@ -353,57 +305,62 @@ def speculative_decoding(
         output_hidden_states=hidden_states_request(hidden_idx),
         logits_to_keep=1,
     )
-    layout = CacheRows(left_pad.clone(), torch.full((B,), P, dtype=torch.long))  # row b's live slots [pad_b, P)
+    layout = CacheRows(list(left_pad), [P] * B)  # row b's live slots [pad_b, P)
     feats = gather_features(out, hidden_idx)  # (B, P, F)
     # the drafter's pending context: row b's features of its real tokens, left-aligned (B, C, F), C_b = P - pad_b
-    context, context_lengths = _left_align([feats[b, int(left_pad[b]):] for b in range(B)])
+    context, context_lengths = _left_align([feats[b, left_pad[b]:] for b in range(B)])
     raw = out.logits[:, -1].float()  # (B, V)
     scores = logits_processor(input_ids, raw.clone()) if logits_processor else raw  # stock's batched call
+    if tp is None:
+        first = (torch.multinomial(torch.softmax(scores, dim=-1), 1)[:, 0] if do_sample else scores.argmax(-1)).tolist()
+    else:
+        first = [leader_token(tp, lambda: choose(scores[b], do_sample)) for b in range(B)]
     for b in range(B):
-        commit(b, [leader_token(tp, lambda: choose(scores[b], do_sample))], [scores[b]], [raw[b]])
+        rows.commit(b, [first[b]], lambda j, b=b: scores[b], lambda j, b=b: raw[b])
     clock.lap("prefill_s")
 
+    if device_round is None and os.environ.get("HF_DDTREE_DEVICE_ROUND"):
+        device_round = os.environ["HF_DDTREE_DEVICE_ROUND"] not in ("0", "false", "False")
+    on_device = device.type != "cpu" if device_round is None else bool(device_round)
     proposer = make_proposer(model, drafter, spec, method, max_nodes, drafter2=drafter2, spec2=spec2,
-                             boundaries=d2sd_boundaries, alternatives=d2sd_alternatives, compile_config=compile_config)
+                             boundaries=d2sd_boundaries, alternatives=d2sd_alternatives, compile_config=compile_config,
+                             on_device=on_device)
     observers = [proposer] if budget_policy is None else [proposer, budget_policy]
-    # the accept walk; on a tensor-parallel target the leader walks and every rank takes its path
-    accept = walk if tp is None else (lambda t, sc, smp: leader_walk(tp, lambda: walk(t, sc, smp), max_nodes))
+    # on a tensor-parallel target the leader walks, every rank takes its path
+    accept = leader_accept(tp, accept_on_device if on_device else accept_on_host)
     mask_out = None  # with padding and a static cache every verify has one shape: reuse one mask buffer
     # one processor list per row (B > 1): processors with per-row state are narrowed to their row
     procs = logits_processor if B == 1 else [row_processors(logits_processor, b) for b in range(B)]
+    active = list(range(B))  # original indices of the rows still decoding, in batch order
 
     while True:
         # ---- retire finished rows: they leave the cache, the drafter and the proposer ----------------
-        keep = [i for i, b in enumerate(active) if seqs[b].shape[1] < end_len[b]]
+        keep = [i for i, b in enumerate(active) if rows.length[b] < rows.end_len[b]]
         if not keep:
             break
         if len(keep) < len(active):
             layout = select_rows(cache, keep, layout)
             proposer.select(keep)
-            context, context_lengths = context[keep], context_lengths[keep]
+            context, context_lengths = context[keep], [context_lengths[i] for i in keep]
             active = [active[i] for i in keep]
             mask_out = None
 
-        rows = len(active)
-        lengths = [seqs[b].shape[1] for b in active]
-        L = max(lengths)
-        ids = input_ids.new_full((rows, L), pad_id if pad_id is not None else 0)  # (B, L) right-aligned
-        for i, b in enumerate(active):
-            ids[i, L - lengths[i]:] = seqs[b][0]
-        remaining = min(end_len[b] - n for b, n in zip(active, lengths))  # new tokens still allowed after the roots
-        rnd = Round(ids, context, layout.positions.clone(), min(spec.block_size - 1, remaining - 1), context_lengths,
-                    max_depth=remaining - 1)
+        # ---- the round's inputs: right-aligned ids on the device, host copies of the text ------------
+        ids = rows.right_aligned(active)  # (B, L)
+        remaining = min(rows.end_len[b] - rows.length[b] for b in active)  # new tokens still allowed after the roots
+        rnd = Round(ids, context, layout.positions, min(spec.block_size - 1, remaining - 1), context_lengths,
+                    max_depth=remaining - 1, host_text=rows.texts(active, layout.positions))
 
         # ---- draft + tree: the proposer's drafter forward(s), then one tree per row, cut by the policy --
         drafted = rnd.depth_limit > 0 and max_nodes > 0
         if not drafted:
-            trees = [build_chain(int(r), ids.new_empty(0)) for r in rnd.roots]  # verify the roots alone, no draft
+            trees = build_chains(rnd.roots, ids.new_empty(len(active), 0))  # verify the roots alone, no draft
         else:
             drafts = proposer.draft(rnd)
             clock.lap("draft_s")
             trees = proposer.build(rnd, drafts)
             if budget_policy is not None:  # CaDDTree: the first n nodes (pop order), one n for the batch
-                n = budget_policy(trees[0] if rows == 1 else trees)
+                n = budget_policy(trees[0] if len(active) == 1 else trees)
                 trees = [t.truncate(n) for t in trees]
             if tp is not None:
                 trees = [leader_tree(tp, trees[0])]  # tensor parallel: every rank verifies the leader's tree
@@ -411,41 +368,184 @@ def speculative_decoding(
         trees = [t.pad_to(size) for t in trees]
         clock.lap("tree_s")
 
-        # ---- verify: ONE target forward over every row's tree, ancestor-only masks, accept walks ------
+        # ---- verify: ONE target forward over every row's tree, processors by depth, accept on the device -
         if pad_tree and isinstance(cache, StaticCache) and mask_out is None:
-            mask_out = torch.empty(rows, 1, size, mask_width(cache, 0, size), dtype=model.dtype, device=device)
-        verified = verify_trees(model, trees, cache, layout, hidden_idx, procs if B == 1 else tuple(procs[b] for b in active),
-                                [seqs[b] for b in active],
-                                do_sample, mask_out, accept=accept, forward=forward)
-        accepted = [len(v.path) - 1 for v in verified]  # (B,) accepted draft tokens
-        for observer in observers:
-            observer.observe(accepted)  # CaDDTree calibrates its acceptance estimate
+            mask_out = torch.empty(len(active), 1, size, mask_width(cache, 0, size), dtype=model.dtype, device=device)
+        v = verify_trees(model, trees, cache, layout, hidden_idx, procs if B == 1 else tuple(procs[b] for b in active),
+                         rows.prefixes(active), do_sample, mask_out, accept=accept, forward=forward)
         clock.lap("verify_s")
 
-        # ---- accept: keep each row's path K/V, append its tokens and the target's next token ----------
-        paths = [torch.tensor(v.path, dtype=torch.long, device=device) for v in verified]
-        layout = compact_rows(cache, layout, paths)
-        new_context = [v.features[p] for v, p in zip(verified, paths)]  # (k_b + 1, F) root and accepted nodes
-        if not drafted:  # the drafter did not see last round's context: keep it in front
-            new_context = [torch.cat([context[i, :int(context_lengths[i])], c]) for i, c in enumerate(new_context)]
-        context, context_lengths = _left_align(new_context)
+        # ---- accept: move each row's path K/V and features on the device, then the round's ONE read ----
+        move_paths(cache, layout, v.paths)
+        new_context = v.features.gather(1, v.paths[..., None].expand(-1, -1, v.features.shape[-1]))  # (B, P, F)
+        committed = unpack(v.packed.tolist())  # the host's one read: per row (accepted count, tokens)
+        counts = [c for c, _ in committed]
+        layout = set_lengths(cache, layout, [c + 1 for c in counts])
+        for observer in observers:
+            observer.observe(counts)  # CaDDTree calibrates its acceptance estimate
+        if drafted:
+            context_lengths = [c + 1 for c in counts]
+            context = new_context[:, :max(context_lengths)].clone()  # (B, C, F); a base tensor, not a view (compile guards)
+        else:  # the drafter did not see last round's context: keep it in front
+            context, context_lengths = _left_align([torch.cat([context[i, :context_lengths[i]], new_context[i, :c + 1]])
+                                                    for i, c in enumerate(counts)])
         for i, b in enumerate(active):
-            v, tree = verified[i], trees[i]
-            new_tokens = tree.tokens[v.path[1:]].tolist() + [v.next_token]
-            n = commit(b, new_tokens, [v.scores[j] for j in v.path], [v.raw[j] for j in v.path])
-            row_acceptance[b].append(n)  # committed only: a stop (EOS) mid-path drops the rest
+            path = v.paths[i]
+            n = rows.commit(b, committed[i][1], lambda j, i=i, path=path: v.scores[i, path[j]],
+                            lambda j, i=i, path=path: v.raw[i, path[j]])
+            rows.acceptance[b].append(n)  # committed only: a stop (EOS) mid-path drops the rest
             stats.acceptance_lengths.append(n)
-            stats.tree_sizes.append(tree.num_nodes)
+            stats.tree_sizes.append(trees[i].num_nodes)
+        rows.flush()
         clock.lap("commit_s")
 
     return finish()
 
 
-def _left_align(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Ragged (C_b, F) tensors -> (B, max C_b, F) with row b in [:C_b] (zeros after), and (B,) long C_b."""
-    lengths = torch.tensor([r.shape[0] for r in rows], dtype=torch.long)
-    C = int(lengths.max())
-    out = rows[0].new_zeros((len(rows), C, rows[0].shape[-1]))
+class _Rows:
+    """The loop's per-row bookkeeping, by ORIGINAL row index b (B rows), as stock generate() holds it.
+
+    tokens[b]: row b's committed ids (prompt padding included), host ints: the host learns them from
+    the round's one read, so stopping criteria, the streamer and lookup never read the device.
+    buf (B, max_length) long on the device: the same ids, row b's at [:length[b]] (what the drafter,
+    the processors and the output read). end_len[b]: the length row b may reach; stopped[b]: the
+    length at which a stopping criterion fired; scores / logits[b]: (1, V) per new token when asked.
+    """
+
+    def __init__(self, input_ids: torch.Tensor, max_length: int, stopping_criteria, has_eos: bool, pad_id,
+                 want_scores: bool, want_logits: bool, streamer):
+        B, P0 = input_ids.shape
+        self.B, self.P0, self.device = B, P0, input_ids.device
+        self.tokens: list[list[int]] = input_ids.tolist()
+        self.length = [P0] * B
+        self.buf = input_ids.new_zeros(B, max(max_length, P0))
+        self.buf[:, :P0] = input_ids
+        self.end_len = [max_length] * B
+        self.stopped: list[int | None] = [None] * B
+        self.scores: list[list[torch.Tensor]] = [[] for _ in range(B)]
+        self.logits: list[list[torch.Tensor]] = [[] for _ in range(B)]
+        self.acceptance: list[list[int]] = [[] for _ in range(B)]
+        self.criteria, self.has_eos, self.pad_id = stopping_criteria, has_eos, pad_id
+        self.want_scores, self.want_logits, self.streamer = want_scores, want_logits, streamer
+        self.host_stop = _host_stop(stopping_criteria)
+        self._pending: list[tuple[int, int, list[int]]] = []  # (row, start, tokens) not yet in buf
+
+    def commit(self, b: int, new_tokens: list[int], score_of, raw_of) -> int:
+        """Append row b's tokens one by one, checking the stopping criteria after each exactly as stock
+        does for that row (on its own (1, L) ids and its scores so far). score_of(j) / raw_of(j): the
+        (V,) processed scores / raw logits of token j (device views, only taken when asked for).
+        Returns the number appended."""
+        seq, start, added = self.tokens[b], self.length[b], []
+        for j, tok in enumerate(new_tokens):
+            if len(seq) >= self.end_len[b]:
+                break
+            seq.append(tok)
+            added.append(tok)
+            if self.want_scores:
+                self.scores[b].append(score_of(j)[None])
+            if self.want_logits:
+                self.logits[b].append(raw_of(j)[None].float())
+            if self.stopped[b] is None and self._stops(b, seq):
+                self.stopped[b] = len(seq)
+                if self.has_eos or self.B == 1:
+                    self.end_len[b] = len(seq)
+                elif all(x is not None for x in self.stopped):  # the last row stopped: that is every row's length
+                    self.end_len = [len(seq)] * self.B
+        self.length[b] = len(seq)
+        if added:
+            self._pending.append((b, start, added))
+            if self.streamer is not None:
+                self.streamer.put(torch.tensor(added, dtype=torch.long))
+        return len(added)
+
+    def _stops(self, b: int, seq: list[int]) -> bool:
+        if self.host_stop is not None:
+            return self.host_stop(seq)
+        # another criterion (stop strings, the user's): called per token on the row's ids, as stock does (one
+        # host-to-device copy and one read per token: stock's own cost)
+        ids = torch.tensor([seq], dtype=torch.long).to(self.device)
+        return bool(self.criteria(ids, tuple(self.scores[b]) if self.want_scores else None).all())
+
+    def flush(self) -> None:
+        """Write the tokens committed since the last flush into `buf` (one host-to-device copy)."""
+        if not self._pending:
+            return
+        idx = [(b, start + j, t) for b, start, toks in self._pending for j, t in enumerate(toks)]
+        self._pending = []
+        at = torch.tensor(idx, dtype=torch.long).T.to(self.device)  # (3, M): row, slot, token
+        self.buf[at[0], at[1]] = at[2]
+
+    def right_aligned(self, active: list[int]) -> torch.Tensor:
+        """(len(active), L) long on the device: the rows' ids right-aligned, shorter rows left-filled."""
+        self.flush()
+        lengths = [self.length[b] for b in active]
+        L = max(lengths)
+        if len(active) == 1:
+            return self.buf[active[0]:active[0] + 1, :L]
+        shift = torch.tensor([L - n for n in lengths], dtype=torch.long).to(self.device)  # (B,)
+        col = torch.arange(L, device=self.device)[None] - shift[:, None]  # (B, L)
+        ids = self.buf[active].gather(1, col.clamp(min=0))
+        return ids.masked_fill(col < 0, self.pad_id if self.pad_id is not None else 0)
+
+    def prefixes(self, active: list[int]) -> list[torch.Tensor]:
+        """Each row's (1, L_b) committed ids on the device (what the processors see)."""
+        self.flush()
+        return [self.buf[b:b + 1, :self.length[b]] for b in active]
+
+    def texts(self, active: list[int], positions: list[int]) -> list[list[int]]:
+        """Each row's own tokens (prompt padding excluded), root last, as host ints (`Round.host_text`)."""
+        return [self.tokens[b][max(0, self.length[b] - p - 1):] for b, p in zip(active, positions)]
+
+    def sequences(self) -> torch.Tensor:
+        """(B, width) long on the device: the output ids, finished rows padded like stock."""
+        self.flush()
+        if self.B == 1:
+            return self.buf[:, :min(self.length[0], self.end_len[0])]
+        width = max(min(n, e) for n, e in zip(self.length, self.end_len))
+        ids = self.buf[:, :width].clone()
+        fill = self.pad_id if self.pad_id is not None else 0
+        for b in range(self.B):
+            n = min(self.length[b], width)
+            if n < width:
+                ids[b, n:] = fill
+        return ids
+
+    def steps(self, per_row: list[list[torch.Tensor]], width: int) -> tuple:
+        """Tuple over new tokens of (B, V); a finished row shows its pad as certain."""
+        if self.B == 1:
+            return tuple(per_row[0])
+        if width == self.P0:  # nothing generated (the prompt already reached max_length)
+            return ()
+        V = next(t for r in per_row for t in r).shape[-1]
+        pad_row = torch.full((1, V), float("-inf"), device=self.device)
+        if self.pad_id is not None:
+            pad_row[0, self.pad_id] = 0.0
+        return tuple(torch.cat([r[t] if t < len(r) else pad_row for r in per_row]) for t in range(width - self.P0))
+
+
+def _host_stop(criteria) -> Callable[[list[int]], bool] | None:
+    """The stopping criteria as a host function of a row's token list, when every criterion is one of
+    stock's own that needs no device data (max length, EOS, max time); else None (they run on the
+    device ids, one read per token)."""
+    checks = []
+    for c in criteria:
+        if type(c) is MaxLengthCriteria:
+            checks.append(lambda seq, n=int(c.max_length): len(seq) >= n)
+        elif type(c) is EosTokenCriteria:
+            eos = set(c.eos_token_id.tolist()) if isinstance(c.eos_token_id, torch.Tensor) else {int(c.eos_token_id)}
+            checks.append(lambda seq, eos=eos: seq[-1] in eos)
+        elif type(c) is MaxTimeCriteria:
+            checks.append(lambda seq, c=c: time.time() - c.initial_timestamp > c.max_time)
+        else:
+            return None
+    # stock: a row is done when ANY criterion says so (StoppingCriteriaList ORs them)
+    return lambda seq: any(check(seq) for check in checks)
+
+
+def _left_align(rows: list[torch.Tensor]) -> tuple[torch.Tensor, list[int]]:
+    """Ragged (C_b, F) tensors -> (B, max C_b, F) with row b in [:C_b] (zeros after), and the B ints C_b."""
+    lengths = [r.shape[0] for r in rows]
+    out = rows[0].new_zeros((len(rows), max(lengths), rows[0].shape[-1]))
     for b, r in enumerate(rows):
         out[b, :r.shape[0]] = r
     return out, lengths
@@ -631,6 +731,8 @@ def _run(self, inputs, generation_config, args, kwargs, **loop_kwargs):
     if model_stop_strings is not None:  # else generate() fills the model's back in as a default
         kwargs["stop_strings"] = None
 
+    if "device_round" in kwargs:  # the loop's own switch (see speculative_decoding), not a generation argument
+        loop_kwargs["device_round"] = kwargs.pop("device_round")
     fn = functools.partial(speculative_decoding, streamer=kwargs.get("streamer"), **loop_kwargs)
     return GenerationMixin.generate(self, inputs, generation_config, *args, custom_generate=fn, **kwargs)
 

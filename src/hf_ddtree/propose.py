@@ -30,7 +30,7 @@ from .cache import CacheRows, compact_rows, select_rows
 from .compat import cache_kwargs, compiled_module_call
 from .drafter import DrafterSpec, validate_d2sd_pair
 from .lookup import LookupCalibrator, LookupIndex, candidate_paths, lookup_tree
-from .tree import Tree, build_chain, build_tree, merge_paths, topk_per_position, tree_paths
+from .tree import Tree, build_chain, build_chains, build_tree, build_trees, merge_paths, topk_per_position, tree_paths
 
 METHODS = ("ddtree", "dflash", "auto", "ddtree-lookup", "d2sd", "d2sd-tree")
 D2SD_METHODS = ("d2sd", "d2sd-tree")
@@ -48,25 +48,35 @@ class Round:
     """What a proposer sees of one round, for B rows (a batch; rows accept different numbers of
     tokens, so they are ragged).
 
-    ids          (B, L) long: committed ids, right-aligned: every row ends with its root (not yet in
-                 the target cache), shorter rows are left-filled; row b's own tokens (its text, prompt
-                 padding excluded) are ids[b, L - past[b] - 1:]
+    ids          (B, L) long on the device: committed ids, right-aligned: every row ends with its root
+                 (not yet in the target cache), shorter rows are left-filled; row b's own tokens (its
+                 text, prompt padding excluded) are ids[b, L - past[b] - 1:]
     context      (B, C, F): target features of committed tokens the drafter has not seen yet, row b's
                  at context[b, :context_lengths[b]] for positions past[b] - context_lengths[b] ..
                  past[b] - 1; F = len(target_layer_ids) * hidden_size
-    past         (B,) long: the root's position in each row (= real tokens before it)
+    past         B ints: the root's position in each row (= real tokens before it)
     depth_limit  deepest drafter node this round (block_size - 1, or fewer near max_length)
-    context_lengths (B,) long, or None when every row has all C
+    context_lengths B ints, or None when every row has all C
     max_depth    deepest node any proposer may add (the tokens left before max_length, minus the bonus
                  token); lookup candidates may go past the drafter's block. None: depth_limit
+    host_text    the loop's host copy of each row's committed tokens (what `text(b)` holds, as a list),
+                 or None: a proposer that works on the host (lookup) reads it instead of the device
+    The host ints are what the loop knows without reading the device (tensors are accepted and
+    converted).
     """
 
     ids: torch.Tensor
     context: torch.Tensor
-    past: torch.Tensor
+    past: list[int]
     depth_limit: int
-    context_lengths: torch.Tensor | None = None
+    context_lengths: list[int] | None = None
     max_depth: int | None = None
+    host_text: list[list[int]] | None = None
+
+    def __post_init__(self):
+        self.past = _ints(self.past)
+        if self.context_lengths is not None:
+            self.context_lengths = _ints(self.context_lengths)
 
     @property
     def rows(self) -> int:
@@ -79,13 +89,24 @@ class Round:
 
     def text(self, row: int) -> torch.Tensor:
         """(past[row] + 1,) long: row `row`'s committed tokens, root last (no padding)."""
-        return self.ids[row, self.ids.shape[1] - int(self.past[row]) - 1:]
+        return self.ids[row, self.ids.shape[1] - self.past[row] - 1:]
 
-    def lengths(self) -> torch.Tensor:
-        """(B,) long: context entries per row."""
+    def text_list(self, row: int) -> list[int]:
+        """`text(row)` as host ints: the loop's copy when it gave one, else a read of the device."""
+        if self.host_text is not None:
+            return self.host_text[row]
+        return self.text(row).tolist()
+
+    def lengths(self) -> list[int]:
+        """B ints: context entries per row."""
         if self.context_lengths is not None:
             return self.context_lengths
-        return torch.full((self.rows,), 0 if self.context is None else self.context.shape[1], dtype=torch.long)
+        return [0 if self.context is None else self.context.shape[1]] * self.rows
+
+
+def _ints(x) -> list[int]:
+    """B host ints from a list or a (host) tensor."""
+    return [int(v) for v in (x.tolist() if isinstance(x, torch.Tensor) else x)]
 
 
 class Proposer:
@@ -121,7 +142,7 @@ class DrafterState:
         self.drafter, self.spec, self.embed, self.lm_head = drafter, spec, embed, lm_head
         self.forward = forward or drafter
         self.cache = DynamicCache()
-        self.seen: torch.Tensor | None = None  # (B,): positions [0, seen[b]) are in row b's cache (None: no draft yet)
+        self.seen: list[int] | None = None  # B ints: positions [0, seen[b]) are in row b's cache (None: no draft yet)
         self.device = next(drafter.parameters()).device
         self.dtype = next(drafter.parameters()).dtype
         # drafting vocabulary shortlist (hf_ddtree.draft_vocab): the head's rows for those ids only
@@ -141,7 +162,7 @@ class DrafterState:
     def draft(self, blocks: torch.Tensor, context: torch.Tensor, past: int) -> torch.Tensor:
         """One row: blocks (K, bs) token ids, each starting at position `past`; context (1, C, F) for
         positions [seen, past). Returns log-probs (K, bs - 1, V) (see `draft_rows`)."""
-        return self.draft_rows(blocks[None], context, torch.tensor([int(past)]))[0]
+        return self.draft_rows(blocks[None], context, [int(past)])[0]
 
     def draft_rows(self, blocks: torch.Tensor, context: torch.Tensor, past: torch.Tensor,
                    context_lengths: torch.Tensor | None = None) -> torch.Tensor:
@@ -152,31 +173,32 @@ class DrafterState:
         -inf for every other id."""
         B, K, bs = blocks.shape
         C = context.shape[1]
-        past = past.to(torch.long).cpu()
-        clen = torch.full((B,), C, dtype=torch.long) if context_lengths is None else context_lengths.cpu().long()
+        past = _ints(past)
+        clen = [C] * B if context_lengths is None else _ints(context_lengths)
         if self.seen is None:
-            self.seen = torch.zeros(B, dtype=torch.long)
-        if self.seen.shape[0] != B:
-            raise ValueError(f"the drafter cache holds {self.seen.shape[0]} rows, got {B}: select() rows first.")
-        if not bool((self.seen + clen == past).all()):
-            raise ValueError(f"drafter context out of step: seen {self.seen.tolist()} + new {clen.tolist()} != past "
-                             f"{past.tolist()}.")
+            self.seen = [0] * B
+        if len(self.seen) != B:
+            raise ValueError(f"the drafter cache holds {len(self.seen)} rows, got {B}: select() rows first.")
+        if any(s + c != p for s, c, p in zip(self.seen, clen, past)):
+            raise ValueError(f"drafter context out of step: seen {self.seen} + new {clen} != past {past}.")
         T = self.cache.get_seq_length()  # slots in the drafter cache (= max seen)
         dev = self.device
-        ctx_pos = self.seen[:, None] + torch.arange(C)[None]  # (B, C); entries past clen[b] are padding
-        blk_pos = (past[:, None] + torch.arange(bs)[None]).repeat(1, K)  # (B, K*bs)
-        pos = torch.cat([ctx_pos, blk_pos], dim=1).to(dev)  # (B, C + K*bs)
-        ragged = bool((self.seen != T).any()) or bool((clen != C).any())
+        at = torch.tensor([self.seen, past, clen], dtype=torch.long).to(dev)  # (3, B): one host-to-device copy
+        seen_t, past_t, clen_t = at[0], at[1], at[2]
+        ctx_pos = seen_t[:, None] + torch.arange(C, device=dev)[None]  # (B, C); entries past clen[b] are padding
+        blk_pos = (past_t[:, None] + torch.arange(bs, device=dev)[None]).repeat(1, K)  # (B, K*bs)
+        pos = torch.cat([ctx_pos, blk_pos], dim=1)  # (B, C + K*bs)
+        ragged = any(s != T for s in self.seen) or any(c != C for c in clen)
         mask = None
         if K > 1 or ragged:  # row b's blocks see its cached and new context, each block only itself
             width = T + C + K * bs
-            slot = torch.arange(width)
-            ctx_ok = (slot[None] < self.seen[:, None]) | ((slot[None] >= T) & (slot[None] < T + clen[:, None]))  # (B, W)
-            q_blk = torch.arange(K * bs) // bs  # (K*bs,) block of each query
+            slot = torch.arange(width, device=dev)
+            ctx_ok = (slot[None] < seen_t[:, None]) | ((slot[None] >= T) & (slot[None] < T + clen_t[:, None]))  # (B, W)
+            q_blk = torch.arange(K * bs, device=dev) // bs  # (K*bs,) block of each query
             k_blk = (slot - T - C).div(bs, rounding_mode="floor")  # (W,) block of each key slot (< 0: context)
             blk_ok = (slot[None] >= T + C) & (k_blk[None] == q_blk[:, None])  # (K*bs, W)
             allowed = ctx_ok[:, None, :] | blk_ok[None]  # (B, K*bs, W)
-            mask = torch.where(allowed, 0.0, torch.finfo(self.dtype).min).to(dev, self.dtype)[:, None]
+            mask = torch.where(allowed, 0.0, torch.finfo(self.dtype).min).to(self.dtype)[:, None]
         noise = self.embed(blocks.reshape(B, -1).to(self.embed.weight.device)).to(dev)  # (B, K*bs, H)
         hidden = self.forward(
             position_ids=pos,
@@ -189,9 +211,9 @@ class DrafterState:
         )  # (B, K*bs, H)
         self.cache.crop(-K * bs)  # keep the context, drop the blocks
         if ragged:  # row b's new context to slots [seen[b], seen[b] + clen[b]): rows stay left-aligned
-            keep = [torch.arange(int(n)) for n in clen]
-            compact_rows(self.cache, CacheRows(torch.zeros(B, dtype=torch.long), self.seen.clone()), keep)
-        self.seen = past.clone()
+            keep = [list(range(n)) for n in clen]
+            compact_rows(self.cache, CacheRows([0] * B, list(self.seen)), keep)
+        self.seen = list(past)
         hidden = hidden.reshape(B, K, bs, -1)[:, :, 1:]  # (B, K, bs-1, H)
         hidden = hidden.to(self.lm_head.weight.device, self.lm_head.weight.dtype)
         if self.vocab_ids is None:
@@ -205,7 +227,7 @@ class DrafterState:
         """Keep only these rows of the drafter cache."""
         if self.seen is None:  # nothing drafted yet
             return
-        layout = select_rows(self.cache, rows, CacheRows(torch.zeros_like(self.seen), self.seen))
+        layout = select_rows(self.cache, rows, CacheRows([0] * len(self.seen), self.seen))
         self.seen = layout.length
 
 
@@ -213,26 +235,42 @@ class DFlashProposer(Proposer):
     """DDTree (`method="ddtree"`/`"auto"`: the best-first tree of `max_nodes` nodes) or the DFlash
     chain (`method="dflash"`) from one drafter; one drafter forward for all rows, one tree per row."""
 
-    def __init__(self, state: DrafterState, method: str, max_nodes: int):
+    def __init__(self, state: DrafterState, method: str, max_nodes: int, on_device: bool = True):
         self.state, self.method, self.max_nodes = state, method, max_nodes
+        self.on_device = on_device  # build trees on the device (`build_trees`); False: the host heap
 
     def draft(self, round: Round) -> torch.Tensor:
         """(B, D, V) log-probs, D = round.depth_limit: [b, d] predicts depth d + 1 of row b."""
-        blocks = torch.full((round.rows, 1, self.state.spec.block_size), self.state.spec.mask_token_id, dtype=torch.long)
-        blocks[:, 0, 0] = round.roots.cpu()
+        blocks = torch.full((round.rows, 1, self.state.spec.block_size), self.state.spec.mask_token_id, dtype=torch.long,
+                            device=round.ids.device)
+        blocks[:, 0, 0] = round.roots
         lp = self.state.draft_rows(blocks, round.context, round.past, round.context_lengths)  # (B, 1, bs-1, V)
         return lp[:, 0, :round.depth_limit]
 
     def build(self, round: Round, logprobs: torch.Tensor) -> list[Tree]:
-        """One tree per row from (B, D, V) log-probs."""
-        roots = round.roots.tolist()
+        """One tree per row from (B, D, V) log-probs: built on their device with no host read
+        (`on_device`), or by the host heap from one read of the top-k (where the device is the host,
+        the cheaper way: a Python heap of n pops costs less than the beam's sorts)."""
         if self.method == "dflash":
             best = logprobs.max(-1)
-            vals, idx = best.values.cpu(), best.indices.cpu()
-            return [build_chain(r, idx[b], vals[b]) for b, r in enumerate(roots)]
+            if self.on_device:
+                return build_chains(round.roots, best.indices, best.values)
+            host = torch.stack([best.indices.double(), best.values.double()]).tolist()  # one read
+            return [build_chain(root, torch.tensor(host[0][b], dtype=torch.long), torch.tensor(host[1][b]))
+                    for b, root in enumerate(self._roots(round))]
         top_lp, top_ids = topk_per_position(logprobs, self.max_nodes)  # (B, D, k)
-        top_lp, top_ids = top_lp.cpu(), top_ids.cpu()
-        return [build_tree(r, top_lp[b], top_ids[b], self.max_nodes) for b, r in enumerate(roots)]
+        if self.on_device:
+            return build_trees(round.roots, top_lp, top_ids, self.max_nodes)
+        return self._host_trees(round, top_lp, top_ids)
+
+    def _roots(self, round: Round) -> list[int]:
+        return [t[-1] for t in round.host_text] if round.host_text is not None else round.roots.tolist()
+
+    def _host_trees(self, round: Round, top_lp: torch.Tensor, top_ids: torch.Tensor) -> list[Tree]:
+        """The heap's trees from ONE read of the (B, D, k) top-k (ids are exact in float64)."""
+        host = torch.stack([top_lp.double(), top_ids.double()]).tolist()  # (2, B, D, k) lists
+        return [build_tree(root, host[0][b], [[int(x) for x in row] for row in host[1][b]], self.max_nodes)
+                for b, root in enumerate(self._roots(round))]
 
     def select(self, rows: list[int]) -> None:
         self.state.select(rows)
@@ -342,13 +380,13 @@ class _LookupRow:
         self.pending: list = []  # last round's candidates, scored once the next round shows what was committed
         self.pending_at = 0  # text length when they were proposed
 
-    def sync(self, ids: torch.Tensor) -> None:
-        """ids: (L,) the committed tokens of the row."""
-        n, L = len(self.index), ids.shape[0]
-        if n and L >= n and int(ids[n - 1]) == self.index.text[-1]:
-            self.index.extend(ids[n:].tolist())  # O(new tokens)
+    def sync(self, ids: list[int]) -> None:
+        """ids: the committed tokens of the row (host ints)."""
+        n, L = len(self.index), len(ids)
+        if n and L >= n and ids[n - 1] == self.index.text[-1]:
+            self.index.extend(ids[n:])  # O(new tokens)
         else:
-            self.index.sync(ids.tolist())  # first call (or a different sequence): index it all
+            self.index.sync(ids)  # first call (or a different sequence): index it all
 
 
 class LookupProposer(DFlashProposer):
@@ -363,8 +401,8 @@ class LookupProposer(DFlashProposer):
     """
 
     def __init__(self, state: DrafterState, max_nodes: int, index: LookupIndex | None = None,
-                 calibrator: LookupCalibrator | None = None, max_depth: int | None = None):
-        super().__init__(state, "ddtree", max_nodes)
+                 calibrator: LookupCalibrator | None = None, max_depth: int | None = None, on_device: bool = True):
+        super().__init__(state, "ddtree", max_nodes, on_device)
         self.max_depth = LOOKUP_MAX_DEPTH if max_depth is None else int(max_depth)  # deepest lookup node
         first = _LookupRow()
         if index is not None:
@@ -383,41 +421,58 @@ class LookupProposer(DFlashProposer):
         return self.rows[0].calibrator
 
     def build(self, round: Round, logprobs: torch.Tensor) -> list[Tree]:
-        """logprobs: (B, D, V) from `draft`. Per row, the merged tree of drafter and lookup paths."""
+        """logprobs: (B, D, V) from `draft`. Per row, the merged tree of drafter and lookup paths.
+
+        The candidates come from the host text (`round.text_list`); when no row has one, the trees
+        are the drafter's, built on the device. Otherwise the drafter's top-k and its log-probs of
+        every candidate token are read in ONE transfer and merged on the host."""
         while len(self.rows) < round.rows:  # first round of a batch
             self.rows.append(_LookupRow(self.rows[0].index))
-        top_lp, top_ids = topk_per_position(logprobs, self.max_nodes)  # (B, D, k)
-        top_lp, top_ids = top_lp.cpu(), top_ids.cpu()
         D = logprobs.shape[1]
         depth = max(D, min(self.max_depth, D if round.max_depth is None else round.max_depth))
-        return [self._build_row(self.rows[b], round.text(b), logprobs[b], top_lp[b], top_ids[b], depth)
-                for b in range(round.rows)]
+        texts = [round.text_list(b) for b in range(round.rows)]
+        cands = [self._candidates(self.rows[b], texts[b], depth) for b in range(round.rows)]
+        top_lp, top_ids = topk_per_position(logprobs, self.max_nodes)  # (B, D, k)
+        if not any(cands):
+            if self.on_device:
+                return build_trees(round.roots, top_lp, top_ids, self.max_nodes)
+            return self._host_trees(round, top_lp, top_ids)
+        # (row, depth, token) of every candidate token the drafter covers -> its log q, read with the top-k
+        pairs = [(b, d, t) for b, cs in enumerate(cands) for c in cs for d, t in enumerate(c.tokens) if d < D]
+        idx = torch.tensor(pairs, dtype=torch.long).T.to(logprobs.device)  # (3, M)
+        logq = logprobs[idx[0], idx[1], idx[2]]  # (M,)
+        # float32 log-probs and token ids are exact in float64: one transfer for all three
+        host = torch.cat([top_lp.double().flatten(), top_ids.double().flatten(), logq.double()]).tolist()  # the read
+        B, _, k = top_lp.shape
+        m = top_lp.numel()
+        h_lp = [[host[(b * D + d) * k:(b * D + d + 1) * k] for d in range(D)] for b in range(B)]  # (B, D, k) lists
+        h_ids = [[[int(x) for x in host[m + (b * D + d) * k:m + (b * D + d + 1) * k]] for d in range(D)] for b in range(B)]
+        flat = host[2 * m:]
+        trees, at = [], 0
+        for b, cs in enumerate(cands):
+            paths = []
+            if cs:
+                logq_b = []
+                for c in cs:
+                    k = min(len(c.tokens), D)
+                    logq_b.append(flat[at:at + k] + [float("-inf")] * (len(c.tokens) - k))  # no drafter past its block
+                    at += k
+                paths = candidate_paths(cs, logq_b, [self.rows[b].calibrator.token_logprobs(c) for c in cs])
+            trees.append(lookup_tree(texts[b][-1], h_lp[b], h_ids[b], paths, self.max_nodes))
+        return trees
 
-    def _build_row(self, row: _LookupRow, text: torch.Tensor, logprobs: torch.Tensor, top_lp, top_ids,
-                   depth: int) -> Tree:
-        """logprobs (D, V) for depths 1..D; lookup candidates may reach `depth` >= D (scored by their
-        calibrated rate alone past the drafter's block)."""
+    def _candidates(self, row: _LookupRow, text: list[int], depth: int):
+        """The row's lookup candidates for this round (host work only): the index catches up with
+        the committed text, last round's candidates are scored against it, new ones are found."""
         row.sync(text)
         if row.pending:
             row.calibrator.observe(row.pending, row.index.text[row.pending_at:])
             row.pending = []
-        root, D = int(text[-1]), logprobs.shape[0]
         cands = row.index.candidates(depth)
-        paths = []
         if cands:
-            pairs = [(d, t) for c in cands for d, t in enumerate(c.tokens) if d < D]
-            rr = torch.tensor([d for d, _ in pairs], dtype=torch.long)
-            cols = torch.tensor([t for _, t in pairs], dtype=torch.long)
-            flat = logprobs[rr.to(logprobs.device), cols.to(logprobs.device)].tolist()  # drafter log q_d(t)
-            logq, at = [], 0
-            for c in cands:
-                k = min(len(c.tokens), D)
-                logq.append(flat[at:at + k] + [float("-inf")] * (len(c.tokens) - k))  # no drafter past its block
-                at += k
-            paths = candidate_paths(cands, logq, [row.calibrator.token_logprobs(c) for c in cands])
             row.pending, row.pending_at = cands, len(row.index)
             self.proposed += len(cands)
-        return lookup_tree(root, top_lp, top_ids, paths, self.max_nodes)
+        return cands
 
     def select(self, rows: list[int]) -> None:
         super().select(rows)
@@ -427,12 +482,13 @@ class LookupProposer(DFlashProposer):
 
 def make_proposer(target, drafter, spec: DrafterSpec, method: str, max_nodes: int, *, drafter2=None,
                   spec2: DrafterSpec | None = None, boundaries: int = D2SD_BOUNDARIES,
-                  alternatives: int = D2SD_ALTERNATIVES, compile_config=None) -> Proposer:
+                  alternatives: int = D2SD_ALTERNATIVES, compile_config=None, on_device: bool = True) -> Proposer:
     """The proposer for `method` (one of METHODS); the drafters borrow the target's embeddings and head.
 
     compile_config: a transformers CompileConfig: run the drafter forwards through torch.compile with
     its options and `dynamic=True` (the drafter's context length and cache length change every round;
     its block shape is fixed), see `compat.compiled_module_call`. None: eager.
+    on_device: build DDTree / chain trees on the device (no host read); False: the host heap.
     """
     embed, head = target.get_input_embeddings(), target.get_output_embeddings()
 
@@ -444,5 +500,5 @@ def make_proposer(target, drafter, spec: DrafterSpec, method: str, max_nodes: in
         return D2SDProposer(state, DrafterState(drafter2, spec2, embed, head, fwd(drafter2)), method, max_nodes,
                             boundaries, alternatives)
     if method == "ddtree-lookup":
-        return LookupProposer(state, max_nodes)
-    return DFlashProposer(state, method, max_nodes)
+        return LookupProposer(state, max_nodes, on_device=on_device)
+    return DFlashProposer(state, method, max_nodes, on_device)
