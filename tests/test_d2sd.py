@@ -518,21 +518,6 @@ def test_sampling_matches_exact_distribution(config):
             assert accept.count(3) >= ts.N_SPEC // 20, {a: accept.count(a) for a in set(accept)}
 
 
-def test_sampling_is_coupled_to_stock_draws():
-    """Like test_sampling's coupling check: drafting draws no random numbers and the walk draws one
-    sample per visited node from stock's distribution, so with the same seed D2SD equals stock draw
-    for draw (an implementation property; the chi-square test above is the contract)."""
-    cfg = ts.CONFIGS["penalty_topk_topp"]
-    target, drafters = sampling_drafters(cfg["seed"])
-    _, _, ref = ts.sample(target, 25, seed=7, gen_kw=cfg["gen"], method_kw={})
-    for method, d1, d2 in (("d2sd", "oracle", "random6"), ("d2sd-tree", "random", "oracle")):
-        _, _, got = ts.sample(target, 25, seed=7, gen_kw=cfg["gen"],
-                              method_kw=dict(assistant_model=(drafters[d1], drafters[d2]), method=method,
-                                             tree_budget=8, d2sd_boundaries=2, d2sd_alternatives=2))
-        assert got == ref, method
-    assert len(set(map(tuple, ref))) > 5
-
-
 # ------------------------------------------------------------------------------------------------
 # 6. argument errors
 # ------------------------------------------------------------------------------------------------

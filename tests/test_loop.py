@@ -199,13 +199,16 @@ def test_timing_is_booked_by_the_loop(pair):
 
 def test_round_carries_rows():
     r = Round(torch.tensor([[4, 5, 6]]), torch.zeros(1, 2, 8), torch.tensor([2]), 3)
-    assert r.roots.tolist() == [6] and r.text(0).tolist() == [4, 5, 6] and r.lengths().tolist() == [2]
+    assert r.roots.tolist() == [6] and r.text(0).tolist() == [4, 5, 6] and r.lengths() == [2] and r.past == [2]
+    assert r.text_list(0) == [4, 5, 6]  # no host copy given: read from the ids
     # ragged rows: right-aligned ids (row 1 has one real token before its root), per-row context lengths
     two = Round(torch.tensor([[4, 5, 8], [0, 6, 7]]), torch.zeros(2, 3, 8), torch.tensor([2, 1]), 3,
                 torch.tensor([3, 1]))
     assert two.roots.tolist() == [8, 7] and two.rows == 2
     assert two.text(0).tolist() == [4, 5, 8] and two.text(1).tolist() == [6, 7]
-    assert two.lengths().tolist() == [3, 1]
+    assert two.lengths() == [3, 1]
+    hosted = Round(two.ids, two.context, [2, 1], 3, [3, 1], host_text=[[4, 5, 8], [6, 7]])
+    assert hosted.text_list(1) == [6, 7] == hosted.text(1).tolist()
 
 
 def test_merged_d2sd_trees_are_cut_prefix_closed():
@@ -227,7 +230,7 @@ def test_merged_d2sd_trees_are_cut_prefix_closed():
 def test_calibration_times_the_loops_own_calls(pair, method, monkeypatch, tmp_path):
     target, d1, d2 = pair
     monkeypatch.setenv("HF_DDTREE_CACHE", str(tmp_path))
-    counts = {"draft": 0, "build": 0, "verify_tree": 0, "compact": 0}
+    counts = {"draft": 0, "build": 0, "verify_tree": 0, "compact": 0, "move_paths": 0}
 
     def counting(name, fn):
         def wrapped(*args, **kwargs):
@@ -240,12 +243,14 @@ def test_calibration_times_the_loops_own_calls(pair, method, monkeypatch, tmp_pa
     monkeypatch.setattr(cls, "build", counting("build", cls.build))
     monkeypatch.setattr(verify, "verify_tree", counting("verify_tree", verify.verify_tree))
     monkeypatch.setattr(cache_mod, "compact", counting("compact", cache_mod.compact))
+    monkeypatch.setattr(cache_mod, "move_paths", counting("move_paths", cache_mod.move_paths))
     ns, reps, warmup = [0, 4, 8], 2, 1
     m = calibration.measure_latency(target, d1, 8, ns=ns, reps=reps, warmup=warmup, past_len=32, progress=False,
                                     method=method, drafter2=d2 if method != "auto" else None)
     rounds = reps + warmup
     assert counts["verify_tree"] == rounds * len(ns)
-    assert counts["compact"] == 2 * rounds * len(ns)  # keep the path, then back to past_len
+    # keep the path as the loop does (move_paths + set_lengths), then back to past_len (compact)
+    assert counts["move_paths"] == counts["compact"] == rounds * len(ns)
     assert counts["build"] == rounds and counts["draft"] == 2 * rounds  # one untimed priming draft each
     assert m["t_draft"] > 0 and len(m["times"]) == len(ns)
 

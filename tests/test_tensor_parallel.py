@@ -137,9 +137,13 @@ def test_two_tensor_parallel_ranks_match_each_other_and_one_process(saved_models
     assert len(a) == 2 * (1 + len(tp_worker.CACHES) * (len(tp_worker.METHODS) + 1))
     for case in a:
         assert a[case] == b[case], case  # same tokens, same tree sizes, same acceptance on both ranks
-        assert a[case]["tokens"] == single[case]["tokens"], case
         mode = case.split("/")[-2] if case.count("/") > 1 else case.split("/")[-1]
-        assert a[case]["tokens"] == single[f"ar/{mode}"]["tokens"], case  # lossless: AR's tokens
+        # CaDDTree's budgets follow measured latencies (another process, other trees) and a sampled round draws
+        # once per node, so only there do the sampled tokens differ from the single process
+        if not (mode == "sample" and case.startswith("caddtree")):
+            assert a[case]["tokens"] == single[case]["tokens"], case
+        if mode == "greedy":  # lossless: AR's tokens (sampled: the same law, not AR's draws: all nodes draw at once)
+            assert a[case]["tokens"] == single[f"ar/{mode}"]["tokens"], case
         if not case.startswith(("caddtree", "ar")):  # fixed trees: same rounds as the single process
             assert a[case]["tree_sizes"] == single[case]["tree_sizes"], case
     assert a["ar/greedy"]["tokens"] != a["ar/sample"]["tokens"]  # sampling really sampled

@@ -1,0 +1,308 @@
+"""The device-resident round: the tree builder, the accept walk, processors by depth, compaction and
+the host-read budget.
+
+* `build_trees` (a beam over depths, batched, on the device) gives the heap's trees exactly: the
+  same nodes in the same pop order, ties included, the same float64 scores (the heap is the oracle).
+* `accept_paths` (every node's choice at once, matches through the ancestor matrix) gives the host
+  walk's path greedily, and under sampling the exact law of (accepted path, next token), which is
+  computed here by enumeration on a small tree and chi-square tested.
+* `process_scores` by depth equals stock processors called per node on that node's own prefix.
+* a decode reads the host at most twice per round (counted with `bench.host_reads.HostReads`).
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from transformers.generation.logits_process import (LogitsProcessorList, MinNewTokensLengthLogitsProcessor,
+                                                    NoRepeatNGramLogitsProcessor, RepetitionPenaltyLogitsProcessor,
+                                                    TemperatureLogitsWarper, TopKLogitsWarper)
+
+import hf_ddtree
+from hf_ddtree import cache as cache_mod
+from hf_ddtree.bench.host_reads import HostReads
+from hf_ddtree.compat import cache_kwargs
+from hf_ddtree.tree import ancestor_matrix, build_tree, build_trees, topk_per_position
+from hf_ddtree.verify import accept_paths, process_scores, walk
+
+from conftest import build_drafter, build_target
+from test_sampling import chi_square_pvalue
+
+
+def _random_case(seed: int):
+    rng = random.Random(seed)
+    g = torch.Generator().manual_seed(seed)
+    B, D, V = rng.randint(1, 3), rng.randint(1, 6), rng.randint(2, 40)
+    K = rng.randint(1, V)
+    logits = torch.randn(B, D, V, generator=g)
+    if seed % 2:
+        logits = (logits * 2).round()  # exact ties between siblings and across depths
+    if seed % 5 == 0:
+        logits[..., : V // 2] = float("-inf")  # a shortlist: -inf log-probs inside the top-k
+    lp = torch.log_softmax(logits, -1)
+    if seed % 3 == 0:
+        lp = (lp * 2).round() / 2  # log-probs of 0 (children tie with their parents)
+    vals, ids = torch.topk(lp.float(), K, dim=-1)
+    roots = torch.randint(0, V, (B,), generator=g)
+    budget = rng.choice([0, 1, 2, 3, 5, 8, 16, 31, 64, 100])
+    max_depth = rng.choice([None, 1, 2, D])
+    return roots, vals, ids, budget, max_depth
+
+
+@pytest.mark.parametrize("chunk", range(4))
+def test_build_trees_equals_the_heap(chunk):
+    """400 random cases (batches, ties, -inf, depth limits, budgets past the number of prefixes)."""
+    for seed in range(chunk * 100, chunk * 100 + 100):
+        roots, vals, ids, budget, max_depth = _random_case(seed)
+        got = build_trees(roots, vals, ids, budget, max_depth)
+        for b, tree in enumerate(got):
+            ref = build_tree(int(roots[b]), vals[b], ids[b], budget, max_depth)
+            assert tree.num_nodes == ref.num_nodes, seed
+            assert torch.equal(tree.tokens, ref.tokens) and torch.equal(tree.parents, ref.parents), seed
+            assert torch.equal(tree.depths, ref.depths), seed
+            assert tree.scores == ref.scores, seed  # the same float64 sums, bit for bit
+            assert tree.children == ref.children
+            assert tree.max_depth >= (int(ref.depths.max()) if ref.num_nodes else 0)
+
+
+def test_build_trees_all_ties_is_bfs_lexicographic():
+    lp = torch.full((1, 3, 3), -1.0)
+    ids = torch.arange(9).view(1, 3, 3)
+    for budget in range(40):
+        [t] = build_trees(torch.tensor([0]), lp, ids, budget)
+        assert torch.equal(t.parents, build_tree(0, lp[0], ids[0], budget).parents)
+
+
+def _random_tree_and_scores(seed: int, V: int = 6, budget: int = 10):
+    g = torch.Generator().manual_seed(seed)
+    lp = torch.log_softmax(torch.randn(1, 4, V, generator=g), -1)
+    vals, ids = topk_per_position(lp, 3)
+    [tree] = build_trees(torch.tensor([1]), vals, ids, budget)
+    return tree, torch.randn(tree.size, V, generator=g) * 1.5
+
+
+def test_accept_paths_greedy_equals_the_host_walk():
+    for seed in range(60):
+        tree, scores = _random_tree_and_scores(seed)
+        tree = tree.pad_to(tree.size + seed % 3)
+        scores = torch.cat([scores, scores[:1].expand(tree.pad, -1)]) if tree.pad else scores
+        # make the walk go deep sometimes: set each node's argmax to one of its children's tokens
+        if seed % 2:
+            for node, kids in enumerate(tree.children):
+                if kids:
+                    scores[node, next(iter(kids))] += 10.0
+        path, nxt = walk(tree, scores, False)
+        vis = ancestor_matrix(tree.parents, tree.max_depth)
+        paths, counts, nxts, packed = accept_paths(tree.tokens[None], tree.parents[None], vis[None], tree.depths[None],
+                                                   scores[None], False, tree.max_depth)
+        assert int(counts[0]) == len(path) - 1 and int(nxts[0]) == nxt
+        assert paths[0, :len(path)].tolist() == path and not paths[0, len(path):].any()
+        assert packed[0].tolist()[:1 + int(counts[0])] == [len(path) - 1] + tree.tokens[path[1:]].tolist()
+        assert int(packed[0, -1]) == nxt
+
+
+def test_accept_paths_sampling_has_the_walks_exact_law():
+    """P(path ends at node u, next token t) = prod over the path's edges of p_parent(child token) times
+    p_u(t) for t not carried by a child of u: enumerated, then 20000 draws (one batched call) tested."""
+    tree, scores = _random_tree_and_scores(3, V=5, budget=8)
+    for node, kids in enumerate(tree.children):  # make deep paths likely
+        for tok in kids:
+            scores[node, tok] += 1.0
+    probs = torch.softmax(scores.double(), -1)
+    N, V = probs.shape
+    exact = torch.zeros(N, V, dtype=torch.float64)
+    reach = [1.0] * N
+    for u in range(N):
+        if u:
+            p = int(tree.parents[u])
+            reach[u] = reach[p] * float(probs[p, int(tree.tokens[u])])
+        for t in range(V):
+            if t not in tree.children[u]:
+                exact[u, t] = reach[u] * float(probs[u, t])
+    assert abs(float(exact.sum()) - 1) < 1e-9
+    n = 20000
+    torch.manual_seed(0)
+    vis = ancestor_matrix(tree.parents, tree.max_depth)
+    rep = lambda x: x[None].expand(n, *x.shape)  # noqa: E731
+    paths, counts, nxt, _ = accept_paths(rep(tree.tokens), rep(tree.parents), rep(vis), rep(tree.depths), rep(scores),
+                                         True, tree.max_depth)
+    last = paths.gather(1, counts[:, None])[:, 0]
+    cells = torch.bincount(last * V + nxt, minlength=N * V).double()
+    _, _, p = chi_square_pvalue(cells, exact.flatten())
+    assert p > 1e-3, p
+    wrong = torch.softmax(scores.double() * 0.7, -1)  # power: another temperature is rejected
+    w = torch.zeros(N, V, dtype=torch.float64)
+    for u in range(N):
+        r = 1.0
+        for a, b_ in zip(tree.path_to(u)[:-1], tree.path_to(u)[1:]):
+            r *= float(wrong[a, int(tree.tokens[b_])])
+        for t in range(V):
+            if t not in tree.children[u]:
+                w[u, t] = r * float(wrong[u, t])
+    assert chi_square_pvalue(cells, w.flatten())[2] < 1e-3
+
+
+@pytest.mark.parametrize("procs", ["penalty", "ngram", "min_new", "mixed"])
+def test_processors_by_depth_equal_per_node_calls(procs):
+    V = 12
+    lists = {
+        "penalty": [RepetitionPenaltyLogitsProcessor(1.7)],
+        "ngram": [NoRepeatNGramLogitsProcessor(2)],
+        "min_new": [MinNewTokensLengthLogitsProcessor(7, 6, eos_token_id=3)],
+        "mixed": [RepetitionPenaltyLogitsProcessor(1.3), TemperatureLogitsWarper(0.7), NoRepeatNGramLogitsProcessor(3),
+                  TopKLogitsWarper(5)],
+    }
+    plist = LogitsProcessorList(lists[procs])
+    for seed in range(6):
+        g = torch.Generator().manual_seed(seed)
+        lp = torch.log_softmax(torch.randn(1, 5, V, generator=g), -1)
+        vals, ids = topk_per_position(lp, 3)
+        [tree] = build_trees(torch.tensor([4]), vals, ids, 14)
+        tree = tree.pad_to(tree.size + 2)
+        prefix = torch.randint(0, V, (1, 5), generator=g)
+        prefix[0, -1] = 4
+        logits = torch.randn(tree.size, V, generator=g)
+        got = process_scores(plist, prefix, tree, logits)
+        for i in range(tree.size):
+            path = tree.path_to(i)[1:]
+            ids_i = torch.cat([prefix, tree.tokens[path][None]], -1) if path else prefix
+            want = plist(ids_i, logits[i:i + 1].clone())
+            assert torch.equal(got[i:i + 1], want), (procs, seed, i)
+
+
+def test_move_paths_then_set_lengths_equals_compact_rows():
+    target = build_target("qwen3", "sdpa")
+    for kind in cache_mod.CACHE_KINDS:
+        caches = []
+        for _ in range(2):
+            c = cache_mod.make_cache(target, kind, 64)
+            torch.manual_seed(0)
+            target(input_ids=torch.randint(0, 60, (2, 20)), **cache_kwargs(target, c), use_cache=True)
+            target(input_ids=torch.randint(0, 60, (2, 6)), **cache_kwargs(target, c), use_cache=True)  # the "trees"
+            caches.append(c)
+        rows = cache_mod.CacheRows([0, 3], [16, 20])  # row 0 shorter: its slots 16..19 are stale
+        paths = [[0, 2, 5], [0, 1]]
+        want = cache_mod.compact_rows(caches[0], rows, paths)
+        padded = torch.tensor([[0, 2, 5], [0, 1, 0]])
+        cache_mod.move_paths(caches[1], rows, padded)
+        got = cache_mod.set_lengths(caches[1], rows, [3, 2])
+        assert got == want
+        for a, b in zip(caches[0].layers, caches[1].layers):
+            for r, n in enumerate(want.length):
+                assert torch.equal(a.keys[r, :, :n], b.keys[r, :, :n]) and torch.equal(a.values[r, :, :n], b.values[r, :, :n])
+
+
+@pytest.fixture(scope="module")
+def pair():
+    target = build_target("qwen3", "sdpa", layers=4)
+    drafter = build_drafter(target)
+    hf_ddtree.enable(target)
+    return target, drafter
+
+
+@pytest.mark.parametrize("B", [1, 4])
+@pytest.mark.parametrize("sample", [False, True], ids=["greedy", "sampled"])
+@pytest.mark.parametrize("kw", [dict(tree_budget=16), dict(method="dflash"), dict(method="ddtree-lookup", tree_budget=16)],
+                         ids=["ddtree", "dflash", "ddtree-lookup"])
+def test_at_most_two_host_reads_per_round(pair, B, sample, kw):
+    target, drafter = pair
+    torch.manual_seed(B)
+    base = torch.randint(0, 60, (1, 6))
+    ids = torch.cat([base, base, base], 1).expand(B, -1).clone()  # text that repeats: lookup finds candidates
+    ids[:, -1] = torch.arange(B)
+    gen = dict(assistant_model=drafter, max_new_tokens=48, return_dict_in_generate=True, do_sample=sample,
+               device_round=True, **kw)
+    with HostReads() as reads:
+        out = target.generate(ids, **gen)
+    acc = out.acceptance_lengths
+    rounds = len(acc) if B == 1 else max(len(a) for a in acc)
+    assert rounds >= 8
+    # setup outside the rounds: the prompt's host copy, the first token, stopping-criteria ids
+    assert reads.total <= 2 * rounds + 4, (reads.total, rounds, reads.sites(8))
+    if kw.get("method") != "ddtree-lookup":
+        assert reads.total <= rounds + 4, (reads.total, rounds, reads.sites(8))
+    if not sample:  # and still the target's own output
+        from hf_ddtree.decoding import GenerationMixin
+
+        ref = GenerationMixin.generate(target, ids, max_new_tokens=48, do_sample=False)
+        assert torch.equal(out.sequences, ref)
+
+
+def test_host_reads_counts_reads():
+    x = torch.arange(5)
+    with HostReads() as reads:
+        x.tolist()
+        int(x[0])
+        bool(x.any())
+        (x + 1).sum()
+    assert reads.total == 3 and reads.by_kind == {"tolist": 1, "__int__": 1, "__bool__": 1}
+
+
+def test_the_round_compiles_fullgraph():
+    """Tree build, accept walk and KV moves have no host read and no graph break: each compiles with
+    fullgraph=True (inductor, CPU) and gives the eager results."""
+    from hf_ddtree.cache import move_kv
+    from hf_ddtree.tree import _beam_widths, beam_tree_tensors
+
+    torch._dynamo.reset()
+    roots, vals, ids, _, _ = _random_case(7)
+    widths = _beam_widths(vals.shape[-1], vals.shape[1], 16)
+    n = min(16, sum(widths))
+    got = torch.compile(beam_tree_tensors, fullgraph=True)(roots, vals, ids, widths, n)
+    for a, b in zip(got, beam_tree_tensors(roots, vals, ids, widths, n)):
+        assert torch.equal(a, b)
+
+    tree, scores = _random_tree_and_scores(5)
+    vis = ancestor_matrix(tree.parents, tree.max_depth)
+    args = (tree.tokens[None], tree.parents[None], vis[None], tree.depths[None], scores[None], False, tree.max_depth)
+    for a, b in zip(torch.compile(accept_paths, fullgraph=True)(*args), accept_paths(*args)):
+        assert torch.equal(a, b)
+    compiled_vis = torch.compile(ancestor_matrix, fullgraph=True)(tree.parents, tree.max_depth)
+    assert torch.equal(compiled_vis, vis)
+
+    keys, values = torch.randn(2, 2, 12, 4), torch.randn(2, 2, 12, 4)
+    index = torch.tensor([[0, 0, 1, 1], [8, 10, 9, 11], [5, 6, 7, 8]])
+    k2, v2 = keys.clone(), values.clone()
+    torch.compile(move_kv, fullgraph=True)(k2, v2, index)
+    move_kv(keys, values, index)
+    assert torch.equal(keys, k2) and torch.equal(values, v2)
+
+
+@pytest.mark.parametrize("B", [1, 3])
+@pytest.mark.parametrize("kw", [dict(tree_budget=16), dict(method="dflash"), dict(method="ddtree-lookup", tree_budget=16),
+                                dict(tree_budget="auto", max_tree_budget=16), dict(tree_budget=0)],
+                         ids=["ddtree", "dflash", "ddtree-lookup", "auto", "budget0"])
+@pytest.mark.parametrize("cache", cache_mod.CACHE_KINDS)
+def test_the_host_round_equals_the_device_round_and_stock(pair, B, kw, cache):
+    """CPU users get the host heap and walk by default (device_round=None on CPU): same tokens as the
+    device round and as stock, with a repetition penalty (processors by depth) and ragged rows."""
+    from hf_ddtree.decoding import GenerationMixin
+
+    target, drafter = pair
+    torch.manual_seed(10 + B)
+    ids = torch.randint(0, 60, (B, 10))
+    mask = torch.ones_like(ids)
+    if B > 1:
+        mask[1, :3] = 0  # a left-padded row
+    gen = dict(max_new_tokens=30, do_sample=False, repetition_penalty=1.3, attention_mask=mask, pad_token_id=0,
+               cache_implementation=cache)
+    ref = GenerationMixin.generate(target, ids, **gen)
+    outs = [target.generate(ids, assistant_model=drafter, device_round=flag, return_dict_in_generate=True, **gen, **kw)
+            for flag in (False, True)]
+    for out in outs:
+        assert torch.equal(out.sequences, ref)
+    assert outs[0].acceptance_lengths == outs[1].acceptance_lengths  # the same trees, the same walks
+
+
+def test_the_host_round_samples_the_exact_law():
+    import test_sampling as ts
+
+    cfg = ts.CONFIGS["penalty_topk_topp"]
+    target, drafters = ts.setup(cfg["seed"])
+    exact = ts.exact_distribution(target, cfg["procs"]())
+    counts, accept, _ = ts.sample(target, ts.N_SPEC, seed=300, gen_kw=cfg["gen"],
+                                  method_kw=dict(assistant_model=drafters["oracle"], tree_budget=8, device_round=False))
+    assert chi_square_pvalue(counts, exact)[2] > ts.ALPHA
+    assert max(accept) >= 3  # multi-node acceptances happen
