@@ -297,11 +297,9 @@ def compact_rows(cache, rows: CacheRows, keep: list[torch.Tensor] | list[list[in
     row_idx = [b for b, k in enumerate(keep) for _ in k]
     src = [i + w for k in keep for i in k]
     dst = [rows.length[b] + j for b, k in enumerate(keep) for j in range(len(k))]
-    new = CacheRows(list(rows.start), [n + len(k) for n, k in zip(rows.length, keep)])
     if src != dst:  # decided on the host: no device sync per layer
         _move(cache, torch.tensor([row_idx, src, dst], dtype=torch.long))
-    _set_lengths(cache, new.write_at, "compact")
-    return new
+    return set_lengths(cache, rows, [len(k) for k in keep])
 
 
 def move_paths(cache, rows: CacheRows, paths: torch.Tensor) -> None:
@@ -322,9 +320,11 @@ def move_paths(cache, rows: CacheRows, paths: torch.Tensor) -> None:
 
 
 def set_lengths(cache, rows: CacheRows, counts: list[int]) -> CacheRows:
-    """After `move_paths`: row b now holds `counts[b]` more slots. Returns the new layout."""
+    """After `move_paths` (or `compact_rows`' moves): row b now holds `counts[b]` more slots; the cache's
+    length becomes the longest row's. Returns the new layout."""
     new = CacheRows(list(rows.start), [n + int(c) for n, c in zip(rows.length, counts)])
-    _set_lengths(cache, new.write_at, "compact")
+    for layer in cache.layers:
+        _set_length(layer, new.write_at, "compact")
     return new
 
 
@@ -346,11 +346,6 @@ def move_kv(keys: torch.Tensor, values: torch.Tensor, index: torch.Tensor) -> No
     r, s_, d = index[0], index[1], index[2]
     keys[r, :, d] = keys[r, :, s_]
     values[r, :, d] = values[r, :, s_]
-
-
-def _set_lengths(cache, end: int, what: str) -> None:
-    for layer in cache.layers:
-        _set_length(layer, end, what)
 
 
 def select_rows(cache, rows: list[int], layout: CacheRows) -> CacheRows:

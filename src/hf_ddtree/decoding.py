@@ -349,7 +349,7 @@ def speculative_decoding(
         ids = rows.right_aligned(active)  # (B, L)
         remaining = min(rows.end_len[b] - rows.length[b] for b in active)  # new tokens still allowed after the roots
         rnd = Round(ids, context, layout.positions, min(spec.block_size - 1, remaining - 1), context_lengths,
-                    max_depth=remaining - 1, host_text=rows.texts(active, layout.positions))
+                    max_depth=remaining - 1, host_text=[rows.tokens[b] for b in active])
 
         # ---- draft + tree: the proposer's drafter forward(s), then one tree per row, cut by the policy --
         drafted = rnd.depth_limit > 0 and max_nodes > 0
@@ -491,10 +491,6 @@ class _Rows:
         """Each row's (1, L_b) committed ids on the device (what the processors see)."""
         self.flush()
         return [self.buf[b:b + 1, :self.length[b]] for b in active]
-
-    def texts(self, active: list[int], positions: list[int]) -> list[list[int]]:
-        """Each row's own tokens (prompt padding excluded), root last, as host ints (`Round.host_text`)."""
-        return [self.tokens[b][max(0, self.length[b] - p - 1):] for b, p in zip(active, positions)]
 
     def sequences(self) -> torch.Tensor:
         """(B, width) long on the device: the output ids, finished rows padded like stock."""

@@ -59,8 +59,9 @@ class Round:
     context_lengths B ints, or None when every row has all C
     max_depth    deepest node any proposer may add (the tokens left before max_length, minus the bonus
                  token); lookup candidates may go past the drafter's block. None: depth_limit
-    host_text    the loop's host copy of each row's committed tokens (what `text(b)` holds, as a list),
-                 or None: a proposer that works on the host (lookup) reads it instead of the device
+    host_text    the loop's host copy of each row's committed ids (host ints, root last, prompt padding
+                 possibly in front), or None: a proposer that works on the host (lookup) reads
+                 `text_list(b)` from it instead of the device
     The host ints are what the loop knows without reading the device (tensors are accepted and
     converted).
     """
@@ -94,8 +95,13 @@ class Round:
     def text_list(self, row: int) -> list[int]:
         """`text(row)` as host ints: the loop's copy when it gave one, else a read of the device."""
         if self.host_text is not None:
-            return self.host_text[row]
+            ids = self.host_text[row]
+            return ids[max(0, len(ids) - self.past[row] - 1):]
         return self.text(row).tolist()
+
+    def root_list(self) -> list[int]:
+        """B ints: the roots, from the host copy when there is one (else a read of the device)."""
+        return [ids[-1] for ids in self.host_text] if self.host_text is not None else self.roots.tolist()
 
     def lengths(self) -> list[int]:
         """B ints: context entries per row."""
@@ -256,24 +262,32 @@ class DFlashProposer(Proposer):
             if self.on_device:
                 return build_chains(round.roots, best.indices, best.values)
             host = torch.stack([best.indices.double(), best.values.double()]).tolist()  # one read
-            return [build_chain(root, torch.tensor(host[0][b], dtype=torch.long), torch.tensor(host[1][b]))
-                    for b, root in enumerate(self._roots(round))]
+            return [build_chain(root, host[0][b], host[1][b]) for b, root in enumerate(round.root_list())]
         top_lp, top_ids = topk_per_position(logprobs, self.max_nodes)  # (B, D, k)
         if self.on_device:
             return build_trees(round.roots, top_lp, top_ids, self.max_nodes)
         return self._host_trees(round, top_lp, top_ids)
 
-    def _roots(self, round: Round) -> list[int]:
-        return [t[-1] for t in round.host_text] if round.host_text is not None else round.roots.tolist()
-
     def _host_trees(self, round: Round, top_lp: torch.Tensor, top_ids: torch.Tensor) -> list[Tree]:
-        """The heap's trees from ONE read of the (B, D, k) top-k (ids are exact in float64)."""
-        host = torch.stack([top_lp.double(), top_ids.double()]).tolist()  # (2, B, D, k) lists
-        return [build_tree(root, host[0][b], [[int(x) for x in row] for row in host[1][b]], self.max_nodes)
-                for b, root in enumerate(self._roots(round))]
+        """The heap's trees from ONE read of the (B, D, k) top-k."""
+        h_lp, h_ids, _ = _read_topk(top_lp, top_ids)
+        return [build_tree(root, h_lp[b], h_ids[b], self.max_nodes) for b, root in enumerate(round.root_list())]
 
     def select(self, rows: list[int]) -> None:
         self.state.select(rows)
+
+
+def _read_topk(top_lp: torch.Tensor, top_ids: torch.Tensor, extra: torch.Tensor | None = None):
+    """(B, D, k) top-k log-probs and ids, and an optional flat tensor, in ONE host read (float32
+    log-probs and token ids are exact in float64). Returns nested lists lp[b][d], ids[b][d] (ints)
+    and the extra values as a list ([] without)."""
+    parts = [top_lp.double().flatten(), top_ids.double().flatten()] + ([] if extra is None else [extra.double()])
+    host = torch.cat(parts).tolist()  # the read
+    B, D, k = top_lp.shape
+    m = top_lp.numel()
+    lp = [[host[(b * D + d) * k:(b * D + d + 1) * k] for d in range(D)] for b in range(B)]
+    ids = [[[int(x) for x in host[m + (b * D + d) * k:m + (b * D + d + 1) * k]] for d in range(D)] for b in range(B)]
+    return lp, ids, host[2 * m:]
 
 
 def rejection_boundaries(chain_logprobs: torch.Tensor, k: int) -> torch.Tensor:
@@ -441,13 +455,7 @@ class LookupProposer(DFlashProposer):
         pairs = [(b, d, t) for b, cs in enumerate(cands) for c in cs for d, t in enumerate(c.tokens) if d < D]
         idx = torch.tensor(pairs, dtype=torch.long).T.to(logprobs.device)  # (3, M)
         logq = logprobs[idx[0], idx[1], idx[2]]  # (M,)
-        # float32 log-probs and token ids are exact in float64: one transfer for all three
-        host = torch.cat([top_lp.double().flatten(), top_ids.double().flatten(), logq.double()]).tolist()  # the read
-        B, _, k = top_lp.shape
-        m = top_lp.numel()
-        h_lp = [[host[(b * D + d) * k:(b * D + d + 1) * k] for d in range(D)] for b in range(B)]  # (B, D, k) lists
-        h_ids = [[[int(x) for x in host[m + (b * D + d) * k:m + (b * D + d + 1) * k]] for d in range(D)] for b in range(B)]
-        flat = host[2 * m:]
+        h_lp, h_ids, flat = _read_topk(top_lp, top_ids, logq)  # one transfer for all three
         trees, at = [], 0
         for b, cs in enumerate(cands):
             paths = []

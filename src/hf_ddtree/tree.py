@@ -36,6 +36,15 @@ def ancestor_matrix(parents: torch.Tensor, max_depth: int) -> torch.Tensor:
     return vis
 
 
+def ancestors_by_depth(visibility: torch.Tensor, depths: torch.Tensor, max_depth: int) -> torch.Tensor:
+    """(..., R, max_depth + 1) long: for each row of `visibility` (..., R, N) bool (a node's ancestors
+    and itself, `ancestor_matrix`), the index of its node at each depth 0..max_depth; depths: (..., N)
+    long. Past a row's own depth the entry is 0 (the root). Tensor ops only, no host read."""
+    levels = torch.arange(max_depth + 1, device=depths.device)
+    at_depth = visibility[..., :, None, :] & (depths[..., None, None, :] == levels[:, None])  # (..., R, D + 1, N)
+    return at_depth.to(torch.uint8).argmax(-1)
+
+
 class Tree:
     """One row's draft tree (N rows = root + n drafted nodes + padding), tensors on any device.
 
@@ -51,7 +60,8 @@ class Tree:
 
     def __init__(self, tokens: torch.Tensor, parents: torch.Tensor, depths: torch.Tensor,
                  scores: list[float] | None = None, children: list[dict[int, int]] | None = None, pad: int = 0, *,
-                 score: torch.Tensor | None = None, num_nodes: int | None = None, max_depth: int | None = None):
+                 score: torch.Tensor | None = None, num_nodes: int | None = None, max_depth: int | None = None,
+                 host_lists: tuple[list[int], list[int]] | None = None):
         self.tokens, self.parents, self.depths, self.pad = tokens, parents, depths, int(pad)
         n = tokens.shape[0] - self.pad - 1 if num_nodes is None else int(num_nodes)
         self._num_nodes = n
@@ -65,7 +75,7 @@ class Tree:
         if max_depth is None:
             max_depth = int(depths.max()) if depths.numel() else 0
         self.max_depth = int(max_depth)
-        self.host_lists: tuple[list[int], list[int]] | None = None  # (tokens, parents) when built on the host
+        self.host_lists = host_lists  # (tokens, parents) of the real nodes when built on the host, else None
 
     def __repr__(self) -> str:
         return f"Tree(num_nodes={self.num_nodes}, max_depth={self.max_depth}, pad={self.pad}, device={self.tokens.device})"
@@ -99,12 +109,6 @@ class Tree:
         """Rows the verify forward sees: root + drafted + padding nodes."""
         return self.tokens.shape[0]
 
-    def to(self, device) -> "Tree":
-        """This tree with its tensors on `device`."""
-        return Tree(self.tokens.to(device), self.parents.to(device), self.depths.to(device), self._scores,
-                    self._children, self.pad, score=self.score.to(device), num_nodes=self.num_nodes,
-                    max_depth=self.max_depth)
-
     def visibility(self, device: torch.device | str | None = None) -> torch.Tensor:
         """(N, N) bool on `device`: [i, j] is True iff j is i or an ancestor of i."""
         return ancestor_matrix(self.parents.to(device), self.max_depth)
@@ -119,14 +123,12 @@ class Tree:
             raise ValueError(f"pad_to({size}): the tree already has {self.size} rows.")
         if extra == 0:
             return self
-        out = Tree(torch.cat([self.tokens, self.tokens[:1].expand(extra)]),
-                   torch.cat([self.parents, self.parents.new_full((extra,), -1)]),
-                   torch.cat([self.depths, self.depths.new_zeros(extra)]),
-                   self._scores, self._children, extra,
-                   score=torch.cat([self.score, self.score.new_full((extra,), float("-inf"))]),
-                   num_nodes=self.num_nodes, max_depth=self.max_depth)
-        out.host_lists = self.host_lists  # the real nodes are unchanged
-        return out
+        return Tree(torch.cat([self.tokens, self.tokens[:1].expand(extra)]),
+                    torch.cat([self.parents, self.parents.new_full((extra,), -1)]),
+                    torch.cat([self.depths, self.depths.new_zeros(extra)]),
+                    self._scores, self._children, extra,
+                    score=torch.cat([self.score, self.score.new_full((extra,), float("-inf"))]),
+                    num_nodes=self.num_nodes, max_depth=self.max_depth, host_lists=self.host_lists)
 
     def path_to(self, node: int) -> list[int]:
         """Node indices from the root to `node`, both included (a host read)."""
@@ -148,27 +150,24 @@ class Tree:
                                                         for ch in self._children[:k]]
         scores = None if self._scores is None else self._scores[:k]
         # max_depth stays an upper bound (exact for the visibility pointer jumps: extra jumps are no-ops)
-        out = Tree(self.tokens[:k], self.parents[:k], self.depths[:k], scores, children,
-                   score=self.score[:k], num_nodes=num_nodes, max_depth=min(self.max_depth, num_nodes))
-        if self.host_lists is not None:
-            out.host_lists = (self.host_lists[0][:k], self.host_lists[1][:k])
-        return out
+        host = None if self.host_lists is None else (self.host_lists[0][:k], self.host_lists[1][:k])
+        return Tree(self.tokens[:k], self.parents[:k], self.depths[:k], scores, children,
+                    score=self.score[:k], num_nodes=num_nodes, max_depth=min(self.max_depth, num_nodes), host_lists=host)
 
 
 def _make_tree(root_token: int, tokens: list[int], parents: list[int], depths: list[int], scores: list[float]) -> Tree:
     children: list[dict[int, int]] = [{} for _ in range(len(tokens) + 1)]
     for i, (tok, par) in enumerate(zip(tokens, parents), start=1):
         children[par][tok] = i
-    tree = Tree(
+    return Tree(
         tokens=torch.tensor([root_token] + tokens, dtype=torch.long),
         parents=torch.tensor([-1] + parents, dtype=torch.long),
         depths=torch.tensor([0] + depths, dtype=torch.long),
         scores=[0.0] + scores,
         children=children,
         max_depth=max(depths, default=0),
+        host_lists=([root_token] + tokens, [-1] + parents),
     )
-    tree.host_lists = ([root_token] + tokens, [-1] + parents)
-    return tree
 
 
 def topk_per_position(draft_logprobs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -338,9 +337,11 @@ def build_chains(roots: torch.Tensor, draft_ids: torch.Tensor, draft_logprobs: t
 
 
 def build_chain(root_token: int, draft_ids: torch.Tensor, draft_logprobs: torch.Tensor | None = None) -> Tree:
-    """DFlash's single trajectory: root -> draft_ids[0] -> draft_ids[1] -> ... (a tree with one path)."""
-    toks = [int(t) for t in draft_ids.tolist()]
-    lps = [0.0] * len(toks) if draft_logprobs is None else [float(x) for x in draft_logprobs.tolist()]
+    """DFlash's single trajectory: root -> draft_ids[0] -> draft_ids[1] -> ... (a tree with one path).
+    draft_ids / draft_logprobs: (D,) tensors or host lists."""
+    toks = [int(t) for t in (draft_ids.tolist() if isinstance(draft_ids, torch.Tensor) else draft_ids)]
+    lps = ([0.0] * len(toks) if draft_logprobs is None else
+           [float(x) for x in (draft_logprobs.tolist() if isinstance(draft_logprobs, torch.Tensor) else draft_logprobs)])
     scores, acc = [], 0.0
     for x in lps:
         acc += x

@@ -27,7 +27,7 @@ from transformers.generation.logits_process import (
 
 from .cache import CacheRows, mask_width, tree_attention_masks_rows
 from .compat import cache_kwargs, gather_features, hidden_states_request
-from .tree import Tree, ancestor_matrix
+from .tree import Tree, ancestor_matrix, ancestors_by_depth
 
 # processors whose output depends only on the scores row, not on the token prefix
 _PREFIX_FREE = (
@@ -209,9 +209,8 @@ def accept_paths(tokens: torch.Tensor, parents: torch.Tensor, visibility: torch.
     deepest = torch.where(accepted, depths, -1).argmax(1)  # (B,)
     counts = depths.gather(1, deepest[:, None])[:, 0]
     nxt = choice.gather(1, deepest[:, None])[:, 0]
-    on_path = visibility.gather(1, deepest[:, None, None].expand(B, 1, N))[:, 0]  # (B, N)
-    at_depth = on_path[:, None, :] & (depths[:, None, :] == torch.arange(max_depth + 1, device=tokens.device)[None, :, None])
-    paths = at_depth.to(torch.uint8).argmax(-1)  # (B, P): the path's node at each depth (0 = root past its end)
+    on_path = visibility.gather(1, deepest[:, None, None].expand(B, 1, N))  # (B, 1, N): the deepest's ancestors
+    paths = ancestors_by_depth(on_path, depths, max_depth)[:, 0]  # (B, P): the path's node per depth (0 = root past its end)
     packed = torch.cat([counts[:, None], tokens.gather(1, paths[:, 1:]), nxt[:, None]], 1)
     return paths, counts, nxt, packed
 
@@ -272,9 +271,8 @@ def process_scores(logits_processor: LogitsProcessorList | None, prefix: torch.T
         visibility = ancestor_matrix(tree.parents.to(device), tree.max_depth)
     D = tree.max_depth
     tokens = tree.tokens.to(device)
-    # anc[i, k]: node i's ancestor at depth k (any node where i has none: its output is not kept)
-    at_depth = visibility[:, :, None] & (depths[None, :, None] == torch.arange(D + 1, device=device)[None, None])
-    anc_tok = tokens[at_depth.to(torch.uint8).argmax(1)]  # (N, D + 1)
+    # anc_tok[i, k]: the token of node i's ancestor at depth k (the root's where i has none: its output is not kept)
+    anc_tok = tokens[ancestors_by_depth(visibility, depths, D)]  # (N, D + 1)
     ids = torch.cat([prefix.expand(N, -1), anc_tok[:, 1:]], dim=-1)  # (N, L + D)
     L = prefix.shape[1]
     if not all(_row_wise(p) for p in logits_processor):
