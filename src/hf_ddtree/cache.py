@@ -112,6 +112,57 @@ def make_cache(target, kind: str, max_cache_len: int):
     return cache
 
 
+def adopt_cache(cache, target, max_cache_len: int, grow: bool = False) -> int:
+    """Check that a cache the caller passed (`generate(..., past_key_values=cache)`: a user's, or one a
+    previous call returned) can hold this call's verification, and return the tokens it holds.
+
+    It must be a transformers `DynamicCache` or `StaticCache` whose layers are plain full-length
+    `DynamicLayer` / `StaticLayer`s, one per decoder layer (sliding-window layers drop old entries, so a
+    sliding or hybrid target needs the full-length cache hf_ddtree makes: `make_cache`, or the cache a
+    previous hf_ddtree call returned). A static one needs `max_cache_len` slots: with `grow` (a cache
+    hf_ddtree made itself and returned) its buffers are enlarged in place, keeping the object and its
+    entries; a user's own StaticCache is refused when smaller, never replaced. Raises ValueError."""
+    if not isinstance(cache, (StaticCache, DynamicCache)) or not hasattr(cache, "layers"):
+        raise ValueError(
+            f"past_key_values={type(cache).__name__}: hf_ddtree continues from a transformers DynamicCache or "
+            "StaticCache (the one a previous generate() returned, or StaticCache(config=model.config, max_cache_len=N))."
+        )
+    layers = int(text_config(target).num_hidden_layers)
+    odd = sorted({type(layer).__name__ for layer in cache.layers} - {"StaticLayer", "DynamicLayer"})
+    if odd or len(cache.layers) not in (0, layers):
+        what = f"has {', '.join(odd)} layers" if odd else f"has {len(cache.layers)} layers for a {layers}-layer target"
+        raise ValueError(
+            f"past_key_values: this {type(cache).__name__} {what}; hf_ddtree verifies trees in one full-length "
+            "key/value layer per decoder layer (a sliding-window layer drops the entries a tree may need). Pass the "
+            "cache a previous hf_ddtree generate() returned, hf_ddtree.cache.make_cache(target, 'static', N), or no cache."
+        )
+    held = int(cache.get_seq_length())
+    if isinstance(cache, StaticCache):
+        have = min(int(layer.max_cache_len) for layer in cache.layers)
+        if have < max_cache_len:
+            if not grow:
+                raise ValueError(
+                    f"past_key_values: this StaticCache has max_cache_len={have}, but this call needs {max_cache_len} "
+                    "slots (input_ids + new tokens + 1 + the tree's nodes). Allocate StaticCache(config=model.config, "
+                    f"max_cache_len={max_cache_len}) or larger (one for the whole conversation), or lower max_new_tokens."
+                )
+            for layer in cache.layers:
+                _grow_static(layer, max_cache_len)
+    return held
+
+
+def _grow_static(layer: StaticLayer, max_cache_len: int) -> None:
+    """Enlarge a static layer's buffers to `max_cache_len` slots in place (entries kept)."""
+    if getattr(layer, "is_initialized", False):
+        for name in ("keys", "values"):
+            old = getattr(layer, name)
+            new = old.new_zeros(*old.shape[:2], max_cache_len, old.shape[-1])
+            new[:, :, :old.shape[2]] = old
+            setattr(layer, name, new)
+            torch._dynamo.mark_static_address(new)
+    layer.max_cache_len = max_cache_len
+
+
 def mask_width(cache, past_len: int, num_new: int) -> int:
     """Key length attention sees for a forward of `num_new` tokens on top of `past_len`."""
     if isinstance(cache, StaticCache):

@@ -23,13 +23,13 @@ from transformers.generation.stopping_criteria import (EosTokenCriteria, MaxLeng
                                                        StoppingCriteriaList)
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
-from .cache import CacheRows, compact, make_cache, mask_width, move_paths, select_rows, set_lengths
+from .cache import CacheRows, adopt_cache, compact, make_cache, mask_width, move_paths, select_rows, set_lengths
 from .compat import (CACHE_FIELD, cache_from_kwargs, cache_kwargs, compile_config_of, compile_requested, compiled_call,
                      gather_features, hidden_states_request)
 from .distributed import check_tensor_parallel, leader_accept, leader_tree, leader_token
 from .drafter import DrafterSpec, is_dflash_drafter, validate_pair
 from .propose import (D2SD_ALTERNATIVES, D2SD_BOUNDARIES, D2SD_MAX_BRANCHES, D2SD_METHODS, DEFAULT_MAX_TREE_BUDGET,
-                      DEFAULT_TREE_BUDGET, MAX_TREE_BUDGET, METHODS, Round, make_proposer)
+                      DEFAULT_TREE_BUDGET, MAX_TREE_BUDGET, METHODS, DrafterSnapshot, Proposer, Round, make_proposer)
 from .tree import Tree, build_chains
 from .verify import accept_on_device, accept_on_host, choose, row_processors, unpack, verify_trees
 
@@ -151,9 +151,6 @@ def _check_inputs(model, input_ids: torch.Tensor, generation_config, model_kwarg
             "tree in one forward). Use attn_implementation='sdpa' (or 'eager'): load the target with "
             "from_pretrained(..., attn_implementation='sdpa') or call target.set_attn_implementation('sdpa')."
         )
-    past = cache_from_kwargs(model_kwargs)
-    if past is not None and int(past.get_seq_length()) > 0:
-        raise ValueError("hf_ddtree builds its own KV cache: do not pass a pre-filled past_key_values.")
 
 
 def compile_forwards(model, generation_config):
@@ -194,6 +191,7 @@ def speculative_decoding(
     d2sd_alternatives: int = D2SD_ALTERNATIVES,
     pad_tree: bool = False,
     device_round: bool | None = None,
+    user_cache: bool = False,
     **model_kwargs,
 ):
     """The hf_ddtree loop, with the signature generate() uses for a callable `custom_generate`.
@@ -217,6 +215,11 @@ def speculative_decoding(
     on the device unless the target runs on the CPU, where the host way is faster (docs/benchmarks.md,
     "Host time per round"). Output is the same either way (the test suite runs the device round on
     CPU by default, tests/conftest.py).
+
+    user_cache: the caller passed `past_key_values=` (model_kwargs' cache is theirs, not one generate() made):
+    it is used, never replaced. A pre-filled one continues a conversation as stock does (its tokens a
+    prefix of input_ids, only the rest is prefilled); when a previous hf_ddtree call returned it, it also
+    carries the drafter's context (`_Carry`), so the drafter goes on as if it had read the whole text.
 
     Compiled forwards follow generate()'s own rule (`compile_forwards`): when stock generate() would
     compile its decoding forward (cache_implementation="static" on cuda/xpu/..., or any device with
@@ -258,18 +261,29 @@ def speculative_decoding(
     padded = attn is not None and not bool(attn.all())
     left_pad = (attn == 0).sum(-1).tolist() if padded else [0] * B  # B ints
     rows = _Rows(input_ids, max_length, stopping_criteria, has_eos, pad_id, want_scores, want_logits, streamer)
-    cache = None
+    # a cache the caller passed: used (continued when pre-filled: `held` of input_ids' tokens are in it), never replaced
+    given = cache_from_kwargs(model_kwargs) if user_cache else None
+    held, carry = 0, None
+    if given is not None:
+        held, carry = _continue_from(given, model, input_ids, embeds, padded, tp, offset + max_length + 1 + max_nodes)
+    cache, proposer, layout = given, None, None
+    context, context_lengths = None, [0]
 
     def finish():
         if streamer is not None:
             streamer.end()
         ids = rows.sequences()
+        out_cache = None
+        if B == 1 and cache is not None and (given is not None or generation_config.return_dict_in_generate):
+            # like stock's: the K/V of every token but the last (no tree slots, no cut path), plus the drafter's context
+            total = offset + ids.shape[1]
+            if (layout.write_at if layout is not None else held) > total - 1:  # host ints: no read
+                compact(cache, total - 1, [])
+            if proposer is not None:
+                _Carry.store(cache, total - 1, proposer, context, context_lengths[0], rows.tokens[0] if offset == 0 else None)
+            out_cache = cache
         if not generation_config.return_dict_in_generate:
             return ids
-        out_cache = None
-        if B == 1 and cache is not None:  # like stock's: the K/V of every token but the last (no tree slots, no cut path)
-            compact(cache, offset + ids.shape[1] - 1, [])
-            out_cache = cache
         return DDTreeGenerateOutput(
             sequences=ids,
             scores=rows.steps(rows.scores, ids.shape[1]) if want_scores else None,
@@ -282,7 +296,9 @@ def speculative_decoding(
     if input_ids.shape[1] >= max_length:
         return finish()
 
-    cache = make_cache(model, generation_config.cache_implementation or "static", offset + max_length + 1 + max_nodes)
+    if cache is None:
+        cache = make_cache(model, generation_config.cache_implementation or "static", offset + max_length + 1 + max_nodes)
+        cache._hf_ddtree_made = True  # returned to the caller, it may grow on the next turn (`adopt_cache`)
     compile_config = compile_forwards(model, generation_config)  # None: eager
     forward = None  # the verify forward: the target itself, or its compiled call
     if compile_config is not None:
@@ -290,13 +306,14 @@ def speculative_decoding(
         pad_tree = True  # one verify shape per budget (and the mask buffer below)
 
     # ---- prefill: the prompt into the cache, the first token from the target -----------------
-    prompt = dict(inputs_embeds=embeds) if embeds is not None else dict(input_ids=input_ids)
+    # (a pre-filled cache already holds the first `held` tokens: only the rest is read, at their own positions)
+    prompt = dict(inputs_embeds=embeds) if embeds is not None else dict(input_ids=input_ids[:, held:])
     P = offset + input_ids.shape[1]
     if padded:  # stock's positions for a left-padded batch; its 2D mask
         position_ids = (attn.long().cumsum(-1) - 1).masked_fill(attn == 0, 1)  # (B, P)
         prompt["attention_mask"] = attn
     else:
-        position_ids = torch.arange(P, device=device)[None].expand(B, -1)  # (B, P)
+        position_ids = torch.arange(held, P, device=device)[None].expand(B, -1)  # (B, P - held)
     out = model(
         **prompt,
         position_ids=position_ids,
@@ -306,7 +323,7 @@ def speculative_decoding(
         logits_to_keep=1,
     )
     layout = CacheRows(list(left_pad), [P] * B)  # row b's live slots [pad_b, P)
-    feats = gather_features(out, hidden_idx)  # (B, P, F)
+    feats = gather_features(out, hidden_idx)  # (B, P - held, F)
     # the drafter's pending context: row b's features of its real tokens, left-aligned (B, C, F), C_b = P - pad_b
     context, context_lengths = _left_align([feats[b, left_pad[b]:] for b in range(B)])
     raw = out.logits[:, -1].float()  # (B, V)
@@ -325,6 +342,11 @@ def speculative_decoding(
     proposer = make_proposer(model, drafter, spec, method, max_nodes, drafter2=drafter2, spec2=spec2,
                              boundaries=d2sd_boundaries, alternatives=d2sd_alternatives, compile_config=compile_config,
                              on_device=on_device)
+    if held:  # a continued conversation: the drafter goes on from the carried context, or starts at `held`
+        pending = _Carry.resume(carry, proposer, held)
+        if pending is not None:
+            context = torch.cat([pending.to(context.dtype), context], dim=1)  # (1, C, F): positions [end, P)
+            context_lengths = [context.shape[1]]
     observers = [proposer] if budget_policy is None else [proposer, budget_policy]
     # on a tensor-parallel target the leader walks, every rank takes its path
     accept = leader_accept(tp, accept_on_device if on_device else accept_on_host)
@@ -400,6 +422,95 @@ def speculative_decoding(
         clock.lap("commit_s")
 
     return finish()
+
+
+def _continue_from(cache, model, input_ids: torch.Tensor, embeds, padded: bool, tp, need: int):
+    """Check the caller's cache against this call; returns (tokens it holds, its valid `_Carry` or None).
+
+    As stock generate(): a pre-filled cache's tokens are the first tokens of input_ids, and only the rest
+    is prefilled. A cache a previous hf_ddtree call returned remembers its tokens (`_Carry.tokens`), so
+    a cache that is not a prefix of input_ids is refused; a stock cache can only be checked by length."""
+    B = input_ids.shape[0]
+    if B > 1:
+        raise ValueError(f"past_key_values with a batch of {B}: hf_ddtree continues a caller's cache for one "
+                         "sequence (batched rows leave its cache as they finish). Pass one conversation per call, or "
+                         "drop past_key_values for a batch.")
+    if tp is not None:
+        raise ValueError("past_key_values on a tensor-parallel target: hf_ddtree builds the cache on every rank "
+                         "itself there; drop past_key_values.")
+    held = adopt_cache(cache, model, need, grow=getattr(cache, "_hf_ddtree_made", False))
+    carry = getattr(cache, _Carry.ATTR, None)
+    if not held:
+        return 0, None
+    if embeds is not None:
+        raise ValueError("inputs_embeds with a pre-filled past_key_values: continue a conversation with input_ids "
+                         "(the cache's tokens, then the new ones).")
+    if padded:
+        raise ValueError("a padded attention_mask with a pre-filled past_key_values: pass the conversation unpadded.")
+    L = input_ids.shape[1]
+    if held >= L:
+        raise ValueError(
+            f"past_key_values holds {held} tokens but input_ids has {L}: input_ids must be the whole conversation, "
+            "the tokens the cache holds followed by at least one new token (as stock generate() takes it)."
+        )
+    if carry is None or carry.length != held:  # a stock cache, or one extended since hf_ddtree returned it
+        return held, None
+    ids = input_ids[0, :held].tolist()
+    if ids != carry.tokens:
+        at = next(i for i, (a, b) in enumerate(zip(ids, carry.tokens)) if a != b)
+        raise ValueError(
+            f"past_key_values does not match input_ids: the cache holds {held} tokens, and input_ids[0, {at}] = {ids[at]} "
+            f"where the cache has {carry.tokens[at]}. Pass the conversation the cache was built on (then the new "
+            "tokens), or drop past_key_values to start over."
+        )
+    return held, carry
+
+
+@dataclass
+class _Carry:
+    """What a returned target cache carries for the next generate() call on the same conversation
+    (`cache._hf_ddtree_carry`): the drafters' context caches (one `DrafterSnapshot` each), the target
+    features of positions [end, length) the drafters have not read yet, and the cache's tokens.
+
+    length    the target cache's length when stored (a cache extended since, e.g. by stock generate, no
+              longer matches and is continued like a stock cache)
+    tokens    its `length` token ids (host ints), to refuse a cache that is not a prefix of input_ids;
+              None when unknown (inputs_embeds)
+    snapshots one per drafter of the proposer, all ending at the same position `end`
+    pending   (1, length - end, F) target features of positions [end, length)
+    """
+
+    ATTR = "_hf_ddtree_carry"
+    length: int
+    tokens: list[int] | None
+    snapshots: list[DrafterSnapshot]
+    pending: torch.Tensor
+
+    @classmethod
+    def store(cls, cache, length: int, proposer: Proposer, context: torch.Tensor, context_len: int,
+              tokens: list[int] | None) -> None:
+        """Attach the carry to `cache` (one row, of `length` tokens: the committed ones but the last).
+        context: (1, C, F) the loop's pending features, positions [end, end + context_len)."""
+        snaps = [state.snapshot() for state in proposer.states()]
+        carry = None
+        if snaps and tokens is not None and 0 <= length - snaps[0].end <= context_len:
+            carry = cls(length, list(tokens[:length]), snaps, context[:1, :length - snaps[0].end].clone())
+        setattr(cache, cls.ATTR, carry)
+
+    @staticmethod
+    def resume(carry: _Carry | None, proposer: Proposer, held: int) -> torch.Tensor | None:
+        """Set the proposer's drafters to go on from `carry` (when it has a snapshot of each of them): returns
+        its pending features (1, C, F), to go in front of the prefill's. Otherwise the drafters start empty
+        at position `held` (they never read the cached text; drafts are weaker, output the same) and None."""
+        states = proposer.states()
+        by_drafter = {id(s.drafter): s for s in carry.snapshots} if carry is not None else {}
+        if states and all(id(state.drafter) in by_drafter for state in states):
+            for state in states:
+                state.resume(by_drafter[id(state.drafter)])
+            return carry.pending
+        for state in states:
+            state.resume(origin=held)
+        return None
 
 
 class _Rows:
@@ -729,6 +840,7 @@ def _run(self, inputs, generation_config, args, kwargs, **loop_kwargs):
 
     if "device_round" in kwargs:  # the loop's own switch (see speculative_decoding), not a generation argument
         loop_kwargs["device_round"] = kwargs.pop("device_round")
+    loop_kwargs["user_cache"] = cache_from_kwargs(kwargs) is not None  # the caller's cache, not one generate() makes
     fn = functools.partial(speculative_decoding, streamer=kwargs.get("streamer"), **loop_kwargs)
     return GenerationMixin.generate(self, inputs, generation_config, *args, custom_generate=fn, **kwargs)
 

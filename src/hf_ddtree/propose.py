@@ -133,13 +133,20 @@ class Proposer:
     def select(self, rows: list[int]) -> None:
         """Keep only these rows (in this order): the others finished and leave the batch."""
 
+    def states(self) -> list[DrafterState]:
+        """The drafters' context caches this proposer owns (carried between generate() calls on a
+        returned target cache, see `DrafterState.snapshot`); [] for a proposer without a drafter."""
+        return []
+
 
 class DrafterState:
     """One DFlash drafter plus its context cache, for B rows. `draft_rows()` runs one forward over
     every row's new context and blocks.
 
-    The drafter cache holds, for row b, the projected K/V of positions [0, seen[b]) at slots
-    [0, seen[b]) (rows are ragged: a shorter row's slots past its end are stale and masked).
+    The drafter cache holds, for row b, the projected K/V of positions [origin[b], origin[b] + seen[b])
+    at slots [0, seen[b]) (rows are ragged: a shorter row's slots past its end are stale and masked).
+    origin is 0 unless the drafter starts part-way into the text (a conversation continued from a target
+    cache that carries no drafter state: the drafter sees only what comes after it, see `resume`).
 
     forward: the callable that runs the drafter (default the drafter itself; a compiled call when the
     loop compiles, see `make_proposer(compile_config=...)`)."""
@@ -148,7 +155,8 @@ class DrafterState:
         self.drafter, self.spec, self.embed, self.lm_head = drafter, spec, embed, lm_head
         self.forward = forward or drafter
         self.cache = DynamicCache()
-        self.seen: list[int] | None = None  # B ints: positions [0, seen[b]) are in row b's cache (None: no draft yet)
+        self.seen: list[int] | None = None  # B ints: row b's cache holds seen[b] positions (None: no draft yet)
+        self.origin: list[int] | None = None  # B ints: the position of row b's slot 0 (None: all 0)
         self.device = next(drafter.parameters()).device
         self.dtype = next(drafter.parameters()).dtype
         # drafting vocabulary shortlist (hf_ddtree.draft_vocab): the head's rows for those ids only
@@ -183,15 +191,16 @@ class DrafterState:
         clen = [C] * B if context_lengths is None else _ints(context_lengths)
         if self.seen is None:
             self.seen = [0] * B
+        origin = self.origin if self.origin is not None else [0] * B
         if len(self.seen) != B:
             raise ValueError(f"the drafter cache holds {len(self.seen)} rows, got {B}: select() rows first.")
-        if any(s + c != p for s, c, p in zip(self.seen, clen, past)):
-            raise ValueError(f"drafter context out of step: seen {self.seen} + new {clen} != past {past}.")
+        if any(o + s + c != p for o, s, c, p in zip(origin, self.seen, clen, past)):
+            raise ValueError(f"drafter context out of step: origin {origin} + seen {self.seen} + new {clen} != past {past}.")
         T = self.cache.get_seq_length()  # slots in the drafter cache (= max seen)
         dev = self.device
-        at = torch.tensor([self.seen, past, clen], dtype=torch.long).to(dev)  # (3, B): one host-to-device copy
+        at = torch.tensor([self.seen, past, clen, origin], dtype=torch.long).to(dev)  # (4, B): one host-to-device copy
         seen_t, past_t, clen_t = at[0], at[1], at[2]
-        ctx_pos = seen_t[:, None] + torch.arange(C, device=dev)[None]  # (B, C); entries past clen[b] are padding
+        ctx_pos = (at[3] + seen_t)[:, None] + torch.arange(C, device=dev)[None]  # (B, C); entries past clen[b] are padding
         blk_pos = (past_t[:, None] + torch.arange(bs, device=dev)[None]).repeat(1, K)  # (B, K*bs)
         pos = torch.cat([ctx_pos, blk_pos], dim=1)  # (B, C + K*bs)
         ragged = any(s != T for s in self.seen) or any(c != C for c in clen)
@@ -219,7 +228,7 @@ class DrafterState:
         if ragged:  # row b's new context to slots [seen[b], seen[b] + clen[b]): rows stay left-aligned
             keep = [list(range(n)) for n in clen]
             compact_rows(self.cache, CacheRows([0] * B, list(self.seen)), keep)
-        self.seen = list(past)
+        self.seen = [p - o for p, o in zip(past, origin)]
         hidden = hidden.reshape(B, K, bs, -1)[:, :, 1:]  # (B, K, bs-1, H)
         hidden = hidden.to(self.lm_head.weight.device, self.lm_head.weight.dtype)
         if self.vocab_ids is None:
@@ -235,6 +244,40 @@ class DrafterState:
             return
         layout = select_rows(self.cache, rows, CacheRows([0] * len(self.seen), self.seen))
         self.seen = layout.length
+        if self.origin is not None:
+            self.origin = [self.origin[i] for i in rows]
+
+    def snapshot(self) -> DrafterSnapshot:
+        """This one-row state, to go on from in a later generate() call (`resume`)."""
+        if self.seen is not None and len(self.seen) != 1:
+            raise ValueError(f"a drafter snapshot holds one row, this state has {len(self.seen)}.")
+        return DrafterSnapshot(self.drafter, self.cache, self.seen[0] if self.seen else 0,
+                               self.origin[0] if self.origin else 0)
+
+    def resume(self, snap: DrafterSnapshot | None = None, origin: int = 0) -> None:
+        """Go on (one row) from `snap`'s cache, or start empty at position `origin` (a continued text whose
+        earlier positions the drafter never saw: it drafts from what comes after them)."""
+        if snap is not None:
+            if snap.drafter is not self.drafter:
+                raise ValueError("this drafter snapshot belongs to another drafter.")
+            self.cache, self.seen, self.origin = snap.cache, [snap.seen], [snap.origin]
+        else:
+            self.cache, self.seen, self.origin = DynamicCache(), [0], [int(origin)]
+
+
+@dataclass
+class DrafterSnapshot:
+    """One row of a drafter's context cache: positions [origin, origin + seen) are in `cache`."""
+
+    drafter: Any
+    cache: DynamicCache
+    seen: int
+    origin: int
+
+    @property
+    def end(self) -> int:
+        """The first position the drafter has not seen."""
+        return self.origin + self.seen
 
 
 class DFlashProposer(Proposer):
@@ -275,6 +318,9 @@ class DFlashProposer(Proposer):
 
     def select(self, rows: list[int]) -> None:
         self.state.select(rows)
+
+    def states(self) -> list[DrafterState]:
+        return [self.state]
 
 
 def _read_topk(top_lp: torch.Tensor, top_ids: torch.Tensor, extra: torch.Tensor | None = None):
@@ -383,6 +429,9 @@ class D2SDProposer(Proposer):
     def select(self, rows: list[int]) -> None:
         self.s1.select(rows)
         self.s2.select(rows)
+
+    def states(self) -> list[DrafterState]:
+        return [self.s1, self.s2]
 
 
 class _LookupRow:
