@@ -21,7 +21,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from .drafter import DFlashDraftModel, drafter_spec, make_drafter_config, validate_pair
+from .drafter import DFlashDraftModel, drafter_spec, make_drafter_config, special_token_ids, validate_pair
 from .drafter import modeling_dflash as _modeling_dflash
 
 __all__ = [
@@ -282,6 +282,7 @@ def template_config():
         rms_norm_eps=1e-5,
         rope_parameters={"rope_type": "default", "rope_theta": 100000.0},
         tie_word_embeddings=True,
+        bos_token_id=1, eos_token_id=2, pad_token_id=2,  # SmolLM2-135M-Instruct: <|im_start|> 1, <|im_end|> 2
     )
     config = make_drafter_config(smollm2, num_hidden_layers=2, block_size=TEMPLATE_BLOCK_SIZE, mask_token_id=16,
                                  target_layer_ids=list(TEMPLATE_TARGET_LAYER_IDS))
@@ -403,6 +404,11 @@ def save_drafter(drafter, out_dir, *, repo_id: str = DEFAULT_REPO_ID, target=Non
     config = json.loads(cfg_path.read_text(encoding="utf-8"))
     if ours and config.get("auto_map", {}).get("AutoModel") != AUTO_MAP["AutoModel"]:
         raise RuntimeError(f"save_pretrained wrote auto_map={config.get('auto_map')!r}, expected {AUTO_MAP!r}.")
+    special = special_token_ids(target.config) if target is not None else {}
+    if any(config.get(k) != v for k, v in special.items()):
+        # the target's bos/eos/pad ids, so that transformers' pipelines see one tokenizer for the pair
+        config.update(special)
+        cfg_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     if config.get("auto_map") != AUTO_MAP or config.get("architectures") != ["DFlashDraftModel"]:
         # a foreign class, or a config that carried other auto_map entries: point auto_map at the only
         # code file this repo ships

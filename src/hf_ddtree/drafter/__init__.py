@@ -16,6 +16,7 @@ __all__ = [
     "drafter_spec",
     "is_dflash_drafter",
     "make_drafter_config",
+    "special_token_ids",
     "validate_d2sd_pair",
     "validate_pair",
 ]
@@ -152,6 +153,16 @@ def validate_d2sd_pair(spec1: DrafterSpec, spec2: DrafterSpec) -> None:
                          f"drafter 1's {spec1.block_size}.")
 
 
+SPECIAL_TOKEN_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def special_token_ids(target_config) -> dict:
+    """{bos/eos/pad_token_id: the target's value} from its (text) config: what a drafter config carries so
+    that `pipeline(..., assistant_model=drafter)` sees one tokenizer for both models."""
+    tcfg = target_config.get_text_config() if hasattr(target_config, "get_text_config") else target_config
+    return {name: getattr(tcfg, name, None) for name in SPECIAL_TOKEN_FIELDS}
+
+
 def make_drafter_config(
     target_config,
     *,
@@ -184,6 +195,9 @@ def make_drafter_config(
         tie_word_embeddings=False,
         attention_bias=False,
         use_cache=False,
+        # the target's special ids: transformers' pipelines compare them (and vocab_size) to decide whether the
+        # assistant shares the target's tokenizer; the drafter reads none of them itself
+        **special_token_ids(tcfg),
     )
     kwargs.update(overrides)
     config = Qwen3Config(**kwargs)
