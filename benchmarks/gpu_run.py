@@ -27,7 +27,7 @@ import torch
 
 
 def _device(name: str) -> torch.device:
-    from hf_ddtree.cli import _pick_device
+    from hf_ddtree.device import pick_device as _pick_device
 
     return _pick_device(name)
 

@@ -82,7 +82,7 @@ stage() { echo "[gpu_run +$(( $(date +%s) - T0 ))s] $*"; }
 stage "0. preflight (device $DEVICE, dtype $DTYPE, tiny=$TINY)"
 "$PY" - "$DEVICE" "$BENCH_DATASETS" <<'EOF'
 import sys, torch
-from hf_ddtree.cli import _pick_device
+from hf_ddtree.device import pick_device as _pick_device
 from hf_ddtree.data import load_training_prompts
 from hf_ddtree.models import converted_model_dir, find_gguf
 device = _pick_device(sys.argv[1])  # ValueError when cuda is asked for and absent

@@ -125,7 +125,7 @@ def test_eval_refuses_a_bad_drafter_spec(tmp_path):
 
 
 def test_pick_device():
-    from hf_ddtree.cli import _pick_device
+    from hf_ddtree.device import pick_device as _pick_device
 
     assert _pick_device("cpu") == torch.device("cpu")
     assert _pick_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -5,7 +5,7 @@
     out = target.generate(input_ids, assistant_model=drafter, tree_budget=64, max_new_tokens=256)
 """
 
-__version__ = "0.1.0"  # before the imports: calibrate.py keys its disk cache by it
+from ._version import __version__  # noqa: F401 (the public version)
 
 from .drafter import DFlashDraftModel, drafter_spec, is_dflash_drafter, make_drafter_config, validate_pair
 from .decoding import DDTreeGenerateOutput, DecodeStats, disable, enable, generate, is_enabled, speculative_decoding

@@ -45,7 +45,7 @@ DEFAULT_MAX_TREE_BUDGET = _propose.DEFAULT_MAX_TREE_BUDGET
 
 
 def _code_version() -> str:
-    from . import __version__
+    from ._version import __version__
 
     return f"{__version__}+calibration{CALIBRATION_FORMAT}"
 

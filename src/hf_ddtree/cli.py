@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+from .device import pick_device
+
 DEMO_PROMPT = (
     "Write a Python function `is_palindrome(s: str) -> bool` that ignores case and non-alphanumeric "
     "characters, with a docstring and two doctest examples."
@@ -76,19 +78,6 @@ def demo_main(argv=None) -> int:
     return 0 if same else 1
 
 
-def _pick_device(name: str) -> torch.device:
-    """`--device`: "auto" is cuda when torch sees a GPU, else cpu; anything else goes to torch.device."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as err:
-        raise ValueError(f"--device {name!r}: not a torch device ({err}); use auto, cpu, cuda or cuda:N.") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name!r}: torch sees no CUDA device here; use --device cpu (or auto).")
-    return device
-
-
 def make_responses_main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="hf-ddtree make-responses", description=(
         "Stage 1 of drafter training: answer training prompts with the target itself (greedy and sampled)."))
@@ -116,7 +105,7 @@ def make_responses_main(argv=None) -> int:
     if missing:
         p.error(f"--skip-answered: no such file: {', '.join(missing)}")
 
-    device = _pick_device(args.device)
+    device = pick_device(args.device)
     target, tokenizer = load_target(args.target, dtype=_dtype(args.dtype))
     target.to(device)
     prompts = load_training_prompts(limit=args.limit, seed=args.seed, source=args.source)

@@ -349,7 +349,7 @@ def _check_weights_match(drafter) -> None:
 def _save_shortlist(drafter, out: Path, cfg_path: Path, config: dict) -> None:
     """Keep config.json's `draft_vocab_size` and draft_vocab.safetensors in step with the drafter's
     shortlist (`drafter.draft_vocab_ids`): written when it has one, the field dropped when it has none."""
-    from .draft_vocab import DRAFT_VOCAB_FILE, save_draft_vocab
+    from .drafter.vocab import DRAFT_VOCAB_FILE, save_draft_vocab
 
     ids = getattr(drafter, "draft_vocab_ids", None)
     if ids is not None:
@@ -446,7 +446,7 @@ def load_drafter(name_or_path, *, target=None, **kwargs):
     if getattr(drafter.config, "draft_vocab_size", None):  # a drafting vocabulary shortlist ships with it
         from transformers.utils import cached_file
 
-        from .draft_vocab import DRAFT_VOCAB_FILE, attach_draft_vocab
+        from .drafter.vocab import DRAFT_VOCAB_FILE, attach_draft_vocab
 
         folder = Path(name_or_path).expanduser()
         if not folder.is_dir():

@@ -345,7 +345,7 @@ def load_default_drafter(target, name: str | None = None, variant: str = "dflash
     param = next(target.parameters())
     drafter.to(device=param.device, dtype=param.dtype)
     drafter.eval()
-    from .draft_vocab import attach_draft_vocab
+    from .drafter.vocab import attach_draft_vocab
 
     attach_draft_vocab(drafter, path, target.get_output_embeddings().weight.shape[0])
     validate_pair(target, drafter)

@@ -211,7 +211,7 @@ def load_drafter(spec: str, target, dtype: torch.dtype, variant: str = "dflash")
 
         drafter = load_default_drafter(target, variant=variant)
     elif Path(spec).expanduser().is_dir():
-        from hf_ddtree.draft_vocab import attach_draft_vocab
+        from hf_ddtree.drafter.vocab import attach_draft_vocab
         from hf_ddtree.drafter import DFlashDraftModel
 
         folder = Path(spec).expanduser()

@@ -123,7 +123,7 @@ def validate_pair(target, drafter) -> DrafterSpec:
         )
     shortlist = getattr(drafter, "draft_vocab_ids", None)
     if shortlist is not None:
-        from ..draft_vocab import check_draft_vocab
+        from .vocab import check_draft_vocab
 
         check_draft_vocab(shortlist, target.get_output_embeddings().weight.shape[0],
                           what="the drafter's draft vocabulary (drafter.draft_vocab_ids)")

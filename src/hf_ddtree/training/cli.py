@@ -155,10 +155,10 @@ def train_drafter_main(argv=None) -> int:
     from .train import (TrainConfig, build_drafter, fast_bf16, feature_rms, split_train_val, standardize_fc,
                         train_drafter)
 
-    from hf_ddtree.cli import _pick_device
+    from hf_ddtree.device import pick_device
 
     try:
-        device = _pick_device(args.device)
+        device = pick_device(args.device)
     except ValueError as err:
         parser.error(str(err))
     args.device = str(device)

@@ -85,6 +85,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
+from ..device import native_bf16
 from ..drafter import DFlashDraftModel, make_drafter_config
 from .features import FeatureStore
 
@@ -144,21 +145,8 @@ class TrainConfig:
 # ------------------------------------------------------------------------------------------------
 
 def fast_bf16(device: torch.device | str = "cpu") -> bool:
-    """True on CUDA, and on CPUs with native bf16 matmuls (x86 AVX512-BF16 / AMX-BF16, aarch64 bf16)."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return True
-    if device.type != "cpu":
-        return False
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith(("flags", "Features")):
-                    flags = set(line.split(":", 1)[1].split())
-                    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
-    except OSError:
-        pass
-    return False
+    """True on CUDA, and on CPUs with native bf16 matmuls (`device.native_bf16`)."""
+    return native_bf16(device)
 
 
 def head_weight(lm_head, bf16: bool) -> torch.Tensor:
