@@ -1,4 +1,5 @@
-"""The numbers README.md and docs/development.md quote must be the ones in docs/benchmarks.md's table."""
+"""The numbers README.md and docs/development.md quote are the ones of docs/benchmarks.md's "Latest" table,
+and the README's date is that section's."""
 
 from __future__ import annotations
 
@@ -6,51 +7,57 @@ import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-BASELINES = ("ar", "pld")  # not speculative methods of this package
+ROW = re.compile(r"^\|\s*([^|]+?)\s*\|\s*\**([\d.]+)\**\s*\|\s*\**([\d.]+)x\**\s*\|(.*)$")
 
 
-def greedy_table() -> dict[str, tuple[float, float]]:
-    """method -> (acceptance length, speedup vs AR) from the first table of docs/benchmarks.md."""
+def table_after(text: str, marker: str) -> list[str]:
+    """The lines of the first markdown table after `marker` (header and separator included)."""
+    lines = text[text.index(marker):].splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("|"))
+    end = next((i for i in range(start, len(lines)) if not lines[i].startswith("|")), len(lines))
+    return lines[start:end]
+
+
+def rows(table: list[str]) -> dict[str, tuple[float, float, str]]:
+    """method -> (acceptance length, speedup vs AR, the per-task cells as written)."""
+    out = {}
+    for line in table[2:]:
+        m = ROW.match(line)
+        assert m, f"not a results row: {line!r}"
+        out[m.group(1)] = (float(m.group(2)), float(m.group(3)), m.group(4).strip())
+    return out
+
+
+def latest() -> tuple[str, list[str]]:
+    """(date, table) of docs/benchmarks.md's "## Latest" section."""
     text = (ROOT / "docs" / "benchmarks.md").read_text()
-    start = text.index("#### Temperature 0 (greedy), all datasets")
-    rows = {}
-    for line in text[start:].splitlines()[1:]:
-        if rows and not line.startswith("|"):
-            break
-        m = re.match(r"\|\s*([\w:-]+)\s*\|\s*([\d.]+)\s*\|\s*[\d.]+\s*\|\s*([\d.]+)x\s*\|", line)
-        if m:
-            rows[m.group(1)] = (float(m.group(2)), float(m.group(3)))
-    assert "ar" in rows and "dflash" in rows and len(rows) >= 4, rows
-    return rows
+    heading = next(line for line in text.splitlines() if line.startswith("## Latest"))
+    date = re.search(r"\d{4}-\d{2}-\d{2}", heading).group(0)
+    return date, table_after(text, heading)
 
 
-def speculative_range(rows) -> tuple[float, float, str]:
-    spec = {k: v[1] for k, v in rows.items() if k not in BASELINES}
-    fastest = max(spec, key=spec.get)
-    return min(spec.values()), max(spec.values()), fastest
+def test_readme_table_is_the_latest_benchmark_table():
+    date, table = latest()
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Numbers, honestly"):]
+    section = section[:section.index("\n## ", 1)]
+    assert f"Current ({date}" in section, f"the README's numbers are not dated {date} (docs/benchmarks.md, Latest)"
+    assert rows(table_after(section, "Current (")) == rows(table)
+    assert len(rows(table)) >= 3
 
 
-def test_readme_numbers_match_the_benchmark_table():
-    rows = greedy_table()
-    lo, hi, fastest = speculative_range(rows)
-    readme = " ".join((ROOT / "README.md").read_text().split())
-    m = re.search(r"speculative methods run at ([\d.]+)-([\d.]+)x AR", readme)
-    assert m, "README no longer quotes the speculative speedup range"
-    assert (float(m.group(1)), float(m.group(2))) == (lo, hi), f"README says {m.group(0)}, the table {lo}-{hi}x"
-    if "CaDDTree fastest" in readme:
-        assert fastest == "caddtree", f"README says CaDDTree is fastest, the table says {fastest}"
-    m = re.search(r"\(([\d.]+) vs ([\d.]+) tokens per target forward at (\d+) nodes\)", readme)
-    assert m, "README no longer quotes the tree vs chain acceptance"
-    assert float(m.group(1)) == rows[f"ddtree:{m.group(3)}"][0]
-    assert float(m.group(2)) == rows["dflash"][0]
-
-
-def test_development_notes_match_the_benchmark_table():
-    rows = greedy_table()
-    lo, hi, _ = speculative_range(rows)
+def test_development_notes_quote_the_latest_table():
+    _, table = latest()
+    want = rows(table)
     dev = " ".join((ROOT / "docs" / "development.md").read_text().split())
-    m = re.search(r"slower than AR \(([\d.]+)-([\d.]+)x\)", dev)
-    assert m, "docs/development.md no longer quotes the speedup range"
-    assert (float(m.group(1)), float(m.group(2))) == (lo, hi)
-    for budget, value in re.findall(r"DDTree-(\d+) acceptance ([\d.]+)", dev):
-        assert float(value) == rows[f"ddtree:{budget}"][0]
+    quotes = re.findall(r"`([\w:-]+)` commits ([\d.]+) tokens per target forward(?: and runs at ([\d.]+)x AR)?", dev)
+    assert quotes, "docs/development.md no longer quotes the benchmark"
+    for method, tau, speed in quotes:
+        assert float(tau) == want[method][0], (method, tau, want[method])
+        if speed:
+            assert float(speed) == want[method][1], (method, speed, want[method])
+
+
+def test_row_parser_reads_bold_cells():
+    assert rows(["| m | a | s |", "|---|---:|---:|", "| x:1 | **2.62** | 0.58x | 3 / **1.07x** |"]) == {
+        "x:1": (2.62, 0.58, "3 / **1.07x** |")}
