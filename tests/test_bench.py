@@ -311,6 +311,44 @@ def test_failing_baseline_is_skipped_not_fatal(pair):
     assert s["hf-dflash"]["status"] == "skipped" and s["hf-dflash"]["speedup_vs_ar"] is None
 
 
+def test_a_differing_output_reports_where_and_the_targets_margin_there(pair, monkeypatch, tmp_path):
+    """bf16 can round a near-tie the other way: the row says where the output first differs and the target's
+    top-2 logit margin there (from a plain forward of the shared prefix), the summary and markdown carry it."""
+    target, drafter = pair
+    from hf_ddtree.bench import runner
+    from hf_ddtree.bench.report import format_markdown
+
+    real = runner._MethodRunner.run
+
+    def flip_fourth_token(self, method, ids, temperature, max_new_tokens):  # a stand-in for a rounding difference
+        res = real(self, method, ids, temperature, max_new_tokens)
+        if method.kind == "ddtree" and len(res["output_ids"]) > 3:
+            out = list(res["output_ids"])
+            out[3] = (out[3] + 1) % target.config.vocab_size
+            res = {**res, "output_ids": out}
+        return res
+
+    monkeypatch.setattr(runner._MethodRunner, "run", flip_fourth_token)
+    prompts = tiny_prompts(1, ("x",))
+    rows = run_benchmark(target, None, drafter, prompts, "ar,ddtree:4", max_new_tokens=8, warmup=0, progress=False,
+                         log=lambda s: None)
+    ar, ours = rows
+    assert ours["identical_to_ar"] is False and ours["first_mismatch"] == 3
+    ids = torch.tensor([prompts[0]["input_ids"] + ar["output_ids"][:3]])
+    with torch.no_grad():
+        logits = target(input_ids=ids).logits[0, -1]
+    top = logits.topk(2).values
+    assert ours["mismatch_margin"] == pytest.approx(float(top[0] - top[1]), abs=1e-5)
+    assert ours["mismatch_gap"] == pytest.approx(float(logits[ar["output_ids"][3]] - logits[ours["output_ids"][3]]),
+                                                 abs=1e-5)
+    assert ours["mismatch_gap"] > 0  # AR's token is the target's argmax there
+    s = next(x for x in summarize(rows) if x["dataset"] == "all" and x["method"] == "ddtree:4")
+    assert s["n_mismatches"] == 1 and s["max_mismatch_margin"] == pytest.approx(ours["mismatch_margin"])
+    assert "@3 (margin " in s["mismatches"][0]
+    assert "top-2 margin there <=" in format_markdown(summarize(rows))
+    assert runner.mismatch_margin(target, prompts[0]["input_ids"], [1, 2], [1], 1) == (None, None)  # stopped earlier
+
+
 # ---- D^2SD (two drafters) ------------------------------------------------------------------------
 
 D2SD_METHODS = "ar,ddtree:8,d2sd:8,d2sd-tree:8"
@@ -461,7 +499,7 @@ def test_cli_d2sd(saved_pair, pair, tmp_path, monkeypatch, capsys):
     tiny_prefix_drafter(target).save_pretrained(d2)
     base = ["--target", str(saved_pair / "target"), "--drafter", str(saved_pair / "drafter"),
             "--dataset", str(saved_pair / "prompts.jsonl"), "--methods", "ar,d2sd:4,d2sd-tree:4",
-            "--max-new-tokens", "6", "--temperature", "0", "--threads", "1", "--warmup", "0", "--no-plots",
+            "--max-new-tokens", "6", "--temperature", "0", "--threads", "1", "--dtype", "fp32", "--warmup", "0", "--no-plots",
             "--no-progress"]
     assert bench_main(base + ["--drafter2", str(d2), "--d2sd-boundaries", "2", "--out", str(tmp_path / "a")]) == 0
     data = json.loads((tmp_path / "a" / "results.json").read_text())
@@ -495,14 +533,15 @@ def test_cli_in_process(saved_pair, tmp_path, capsys):
     out = tmp_path / "run"
     argv = ["--target", str(saved_pair / "target"), "--drafter", str(saved_pair / "drafter"),
             "--dataset", str(saved_pair / "prompts.jsonl"), "--methods", "ar,dflash,ddtree:4,pld",
-            "--max-new-tokens", "8", "--temperature", "0", "--threads", "1", "--no-progress", "--out", str(out)]
+            "--max-new-tokens", "8", "--temperature", "0", "--threads", "1", "--no-progress", "--out", str(out),
+            "--dtype", "fp32"]
     assert bench_main(argv) == 0
     printed = capsys.readouterr().out
     assert "| ddtree:4 |" in printed
     data = json.loads((out / "results.json").read_text())
     cfg = data["config"]
     assert cfg["argv"] == argv and cfg["command"].startswith("hf-ddtree bench --target")
-    assert cfg["dtype"] == "fp32" and cfg["threads"] == 1 and cfg["world_size"] == 1
+    assert cfg["dtype"] == cfg["dtype_requested"] == "fp32" and cfg["threads"] == 1 and cfg["world_size"] == 1
     assert cfg["methods"] == ["ar", "dflash", "ddtree:4", "pld"] and cfg["datasets"] == ["prompts"]
     assert isinstance(cfg["device"], str) and cfg["device"] and cfg["torch"] == torch.__version__
     assert len(data["rows"]) == 2 * 4
@@ -523,7 +562,7 @@ def test_cli_batch_size(pair, tmp_path, capsys):
             f.write(json.dumps({"id": p["id"], "input_ids": p["input_ids"][: 3 + 2 * i]}) + "\n")
     out = tmp_path / "batch"
     argv = ["--target", str(d / "target"), "--drafter", str(d / "drafter"), "--dataset", str(d / "prompts.jsonl"),
-            "--methods", "ar,ddtree:4,dflash,pld", "--batch-size", "1,2,3", "--max-new-tokens", "6", "--threads", "1",
+            "--methods", "ar,ddtree:4,dflash,pld", "--batch-size", "1,2,3", "--max-new-tokens", "6", "--threads", "1", "--dtype", "fp32",
             "--warmup", "0", "--no-progress", "--no-plots", "--out", str(out)]
     assert bench_main(argv) == 0
     printed = capsys.readouterr().out
@@ -567,7 +606,7 @@ def test_two_ranks_gloo_merge(saved_pair, tmp_path):
     cmd = [sys.executable, "-m", "hf_ddtree.cli", "bench",
            "--target", str(saved_pair / "target"), "--drafter", str(saved_pair / "drafter"),
            "--dataset", str(saved_pair / "prompts.jsonl"), "--methods", "ar,ddtree:4", "--max-new-tokens", "6",
-           "--warmup", "0", "--no-plots", "--no-progress", "--out", str(out)]
+           "--warmup", "0", "--no-plots", "--no-progress", "--dtype", "fp32", "--out", str(out)]
     procs = []
     for rank in range(2):
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "MASTER_ADDR": "127.0.0.1",
@@ -605,7 +644,7 @@ def test_compile_option_schema(saved_pair, tmp_path, capsys):
     out = tmp_path / "run"
     argv = ["--target", str(saved_pair / "target"), "--drafter", str(saved_pair / "drafter"),
             "--dataset", str(saved_pair / "prompts.jsonl"), "--methods", "ddtree:4", "--limit", "1",
-            "--max-new-tokens", "8", "--temperature", "0", "--threads", "1", "--no-progress", "--no-plots",
+            "--max-new-tokens", "8", "--temperature", "0", "--threads", "1", "--dtype", "fp32", "--no-progress", "--no-plots",
             "--compile", "eager", "--out", str(out)]
     assert bench_main(argv) == 0
     printed = capsys.readouterr().out
@@ -637,3 +676,22 @@ def test_fastest_ar_picks_the_faster_baseline():
     # compared over the prompts both ran: ar-static failed on prompt 1
     assert fastest_ar([row("ar", 0, 1.0), row("ar-static", 0, 1.5), row("ar", 1, 9.0),
                        row("ar-static", 1, 0.1, "error")], 0.0) == "ar"
+
+
+def test_dtype_auto_is_bf16_where_the_cpu_has_it(monkeypatch, capsys):
+    from hf_ddtree import device as dev
+    from hf_ddtree.bench.cli import build_parser, resolve_dtype_arg
+
+    for flags, want in (({"avx2", "avx512_bf16", "avx512_vnni"}, "bf16"), ({"avx2", "fma"}, "fp32"),
+                        ({"fp", "asimd", "bf16"}, "bf16"), (set(), "fp32")):
+        monkeypatch.setattr(dev, "cpu_flags", lambda flags=flags: flags)
+        dtype, why = dev.resolve_dtype("auto", "cpu")
+        assert dtype == {"bf16": torch.bfloat16, "fp32": torch.float32}[want] and why.startswith(want), (flags, why)
+        args = build_parser().parse_args(["--out", "x"])  # auto is the default
+        lines = []
+        resolve_dtype_arg(args, torch.device("cpu"), lines.append)
+        assert (args.dtype, args.dtype_requested) == (want, "auto") and lines == [f"dtype: {why}"]
+    assert dev.resolve_dtype("fp32", "cpu")[0] == torch.float32 and dev.resolve_dtype("bf16", "cpu")[0] == torch.bfloat16
+    with pytest.raises(ValueError, match="--dtype 'fp16': use one of auto, fp32, bf16"):
+        dev.resolve_dtype("fp16", "cpu")
+

@@ -60,3 +60,17 @@ def test_chat_example_carries_the_cache_and_matches_stock(monkeypatch, capsys):
     assert seen["prefills"] == want_prefills
     # sampled (the default) runs too
     assert len(chat.main(["--max-new-tokens", "8", "Hi!", "And then?"])) == 2
+
+
+@pytest.mark.slow
+@needs_target
+def test_demo_reports_each_prompt_kind_and_the_mean(capsys):
+    from hf_ddtree.cli import DEMO_PROMPTS, demo_main
+
+    assert demo_main(["--dtype", "fp32", "--max-new-tokens", "12", "--threads", "1"]) == 0  # fp32: every text identical
+    out = capsys.readouterr().out
+    for kind, _ in DEMO_PROMPTS:
+        assert f"| {kind} |" in out
+    assert "| **all** |" in out and "fp32" in out
+    rows = [line for line in out.splitlines() if line.startswith("| ") and ("x |" in line or "x** |" in line)]
+    assert len(rows) == len(DEMO_PROMPTS) + 1 and all(line.endswith("| yes |") for line in rows), rows

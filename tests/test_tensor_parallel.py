@@ -201,7 +201,7 @@ def test_bench_tp_two_ranks(saved_models, tmp_path):
            "--tp", "2", "--target", str(saved_models / "target"), "--drafter", str(saved_models / "drafter"),
            "--dataset", str(prompts), "--methods", "ar,ddtree:4,caddtree", "--max-tree-budget", "8",
            "--max-new-tokens", "6", "--temperature", "0,1", "--warmup", "0", "--no-plots", "--no-progress",
-           "--out", str(out)]
+           "--dtype", "fp32", "--out", str(out)]
     src = str(Path(hf_ddtree.__file__).resolve().parents[1])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "HF_DDTREE_CACHE": str(tmp_path / "c"),
            "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}

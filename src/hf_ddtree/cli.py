@@ -9,73 +9,95 @@ from pathlib import Path
 
 import torch
 
-from .device import pick_device
+from .device import DTYPE_CHOICES, pick_device, resolve_dtype
 
-DEMO_PROMPT = (
-    "Write a Python function `is_palindrome(s: str) -> bool` that ignores case and non-alphanumeric "
-    "characters, with a docstring and two doctest examples."
+# the demo's prompts: one of each kind, written for it (not in the bench or training sets)
+DEMO_PROMPTS = (
+    ("code", "Write a Python function `is_palindrome(s: str) -> bool` that ignores case and non-alphanumeric "
+             "characters, with a docstring and two doctest examples."),
+    ("math", "A train leaves at 9:40 and arrives at 13:05 after two stops of 12 minutes each. How many minutes "
+             "was it moving? Explain step by step."),
+    ("chat", "I am planning a weekend trip to a city I have never visited. How should I plan the two days so that "
+             "I see the most without rushing?"),
 )
-
-
-def _dtype(name: str) -> torch.dtype:
-    return {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}[name]
 
 
 def demo_main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="hf-ddtree demo", description=(
-        "Generate one answer with the embedded SmolLM2-135M target, first autoregressively, then with "
-        "DDTree (plus lookup continuations, by default) and the embedded drafter; check both texts are identical "
-        "and report acceptance and speedup."))
-    p.add_argument("--prompt", default=DEMO_PROMPT)
-    p.add_argument("--max-new-tokens", type=int, default=256)
+        "Answer a few prompts of different kinds (code, math, chat) with the embedded SmolLM2-135M target, first "
+        "autoregressively, then with DDTree (plus lookup continuations, by default) and the embedded drafter, in "
+        "the same dtype; report per prompt and overall whether the texts are identical, acceptance and speedup."))
+    p.add_argument("--prompt", action="append", default=None,
+                   help="a prompt of your own (repeatable); default: one code, one math and one chat prompt")
+    p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--tree-budget", default="16",
                    help="node budget (int) or 'auto' for CaDDTree (16: the best fixed budget on this CPU, docs/benchmarks.md)")
     p.add_argument("--method", default="ddtree-lookup", choices=["ddtree", "ddtree-lookup"],
                    help="ddtree-lookup (default: faster than ddtree on every bench task, docs/benchmarks.md): the "
                         "drafter's tree plus n-gram lookup continuations of the prompt and the answer, under the same "
                         "budget; ddtree: the drafter's tree alone")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument("--dtype", default="auto", choices=list(DTYPE_CHOICES),
+                   help="auto (default): bf16 where this CPU (or GPU) computes bf16 natively, else fp32")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--show", action="store_true", help="print every answer")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
 
     import hf_ddtree
-    from hf_ddtree.models import load_default_pair
+    from hf_ddtree.bench.runner import mismatch_margin
     from hf_ddtree.data import to_chat_ids
+    from hf_ddtree.models import load_default_pair
 
+    dtype, why = resolve_dtype(args.dtype, "cpu")
     budget = args.tree_budget if args.tree_budget == "auto" else int(args.tree_budget)
-    print("loading the embedded SmolLM2-135M target and its DFlash drafter (no network) ...", flush=True)
-    target, tokenizer, drafter = load_default_pair(dtype=_dtype(args.dtype))
+    prompts = [("yours", text) for text in args.prompt] if args.prompt else list(DEMO_PROMPTS)
+    print(f"loading the embedded SmolLM2-135M target and its DFlash drafter (no network); dtype {why} ...", flush=True)
+    target, tokenizer, drafter = load_default_pair(dtype=dtype)
     hf_ddtree.enable(target)
-    ids = to_chat_ids(tokenizer, args.prompt, raw_fallback=True)
     common = dict(do_sample=False, max_new_tokens=args.max_new_tokens)
-
-    # warm-up both paths (first calls pay allocation and kernel selection)
-    target.generate(ids, **{**common, "max_new_tokens": 8})
     spec = dict(assistant_model=drafter, tree_budget=budget, method=args.method)
-    target.generate(ids, **spec, **{**common, "max_new_tokens": 8})
 
-    t0 = time.perf_counter()
-    ar = target.generate(ids, **common)
-    t_ar = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    out = target.generate(ids, **spec, return_dict_in_generate=True, **common)
-    t_dd = time.perf_counter() - t0
+    first = to_chat_ids(tokenizer, prompts[0][1], raw_fallback=True)
+    target.generate(first, **{**common, "max_new_tokens": 8})  # warm-up both paths (allocation, kernel selection)
+    target.generate(first, **spec, **{**common, "max_new_tokens": 8})
 
-    n_ar = ar.shape[1] - ids.shape[1]
-    n_dd = out.sequences.shape[1] - ids.shape[1]
-    same = torch.equal(ar, out.sequences)
-    text = tokenizer.decode(out.sequences[0, ids.shape[1]:], skip_special_tokens=True)
-    print(f"\n--- answer ({args.method}) ---\n" + text + "\n-----------------------")
-    print(f"identical to autoregressive output: {same}")
-    print(f"autoregressive : {n_ar} tokens in {t_ar:.2f} s ({n_ar / t_ar:.1f} tok/s)")
-    print(f"{args.method} (budget {budget}): {n_dd} tokens in {t_dd:.2f} s ({n_dd / t_dd:.1f} tok/s), "
-          f"mean acceptance length {out.stats.mean_acceptance_length:.2f} tokens per target forward "
-          f"over {len(out.acceptance_lengths)} rounds")
-    print(f"speedup vs autoregressive (same run, {args.dtype}, {torch.get_num_threads()} CPU threads): "
-          f"{t_ar / t_dd:.2f}x")
-    return 0 if same else 1
+    results, all_same = [], True
+    print(f"\n| prompt | AR tok/s | {args.method}:{budget} tok/s | speedup | tokens per target forward | identical to AR |")
+    print("|---|---:|---:|---:|---:|---|")
+    for kind, text in prompts:
+        ids = to_chat_ids(tokenizer, text, raw_fallback=True)
+        t0 = time.perf_counter()
+        ar = target.generate(ids, **common)
+        t_ar = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        out = target.generate(ids, **spec, return_dict_in_generate=True, **common)
+        t_dd = time.perf_counter() - t0
+        ref, got = ar[0, ids.shape[1]:].tolist(), out.sequences[0, ids.shape[1]:].tolist()
+        if ref == got:
+            same = "yes"
+        else:
+            all_same = False
+            at = next((i for i, (x, y) in enumerate(zip(ref, got)) if x != y), min(len(ref), len(got)))
+            margin, _ = mismatch_margin(target, ids[0].tolist(), ref, got, at)
+            same = f"no: from token {at}" + (f", target's top-2 margin there {margin:.3g}" if margin is not None else "")
+        tau = out.stats.mean_acceptance_length
+        results.append((len(ref), t_ar, len(got), t_dd, tau))
+        print(f"| {kind} | {len(ref) / t_ar:.1f} | {len(got) / t_dd:.1f} | {t_ar / t_dd:.2f}x | {tau:.2f} | {same} |",
+              flush=True)
+        if args.show:
+            print(f"\n--- {kind} ({args.method}) ---\n" + tokenizer.decode(got, skip_special_tokens=True) + "\n---")
+    n_ar, t_ar, n_dd, t_dd = (sum(r[i] for r in results) for i in range(4))
+    tau = sum(r[4] for r in results) / len(results)
+    print(f"| **all** | {n_ar / t_ar:.1f} | {n_dd / t_dd:.1f} | **{t_ar / t_dd:.2f}x** | {tau:.2f} | "
+          f"{'yes' if all_same else 'see above'} |")
+    print(f"\nsame run, {why}, {torch.get_num_threads()} CPU threads, {args.max_new_tokens} new tokens per prompt; "
+          "speedup = AR time / our time over all prompts")
+    if not all_same and dtype == torch.bfloat16:
+        print("in bf16 a tree forward rounds differently from a one-token forward, so where the target's top two "
+              "logits nearly tie the texts can part (as with transformers' own assisted decoding); fp32 is exact: "
+              "--dtype fp32")
+    return 0 if all_same or dtype == torch.bfloat16 else 1
 
 
 def make_responses_main(argv=None) -> int:
@@ -106,7 +128,7 @@ def make_responses_main(argv=None) -> int:
         p.error(f"--skip-answered: no such file: {', '.join(missing)}")
 
     device = pick_device(args.device)
-    target, tokenizer = load_target(args.target, dtype=_dtype(args.dtype))
+    target, tokenizer = load_target(args.target, dtype=resolve_dtype(args.dtype)[0])
     target.to(device)
     prompts = load_training_prompts(limit=args.limit, seed=args.seed, source=args.source)
     pairs = [(p.id, p.text) for p in prompts]

@@ -63,6 +63,9 @@ row (one per prompt x temperature x method):
   mean_acceptance_length float|null, tree_sizes [int]|null (our methods),
   prefill_s, draft_s, tree_s, verify_s, commit_s float|null (our methods, collect_timing=True),
   identical_to_ar bool|null (temperature 0 only), first_mismatch int|null (index into new tokens),
+  mismatch_margin float|null (the target's top-1 minus top-2 logit at first_mismatch, from a plain
+  forward over the shared prefix: a near-tie is rounding, bf16's above all; a wide margin is a bug),
+  mismatch_gap float|null (logit of AR's token minus logit of this method's token there),
   output_ids [int] (generated tokens)
   (fields of a skipped/error row other than the identity ones are null / 0)
 
@@ -72,7 +75,8 @@ every dataset; same columns):
   note, n_prompts (ok), n_skipped, new_tokens, time_s, tokens_per_s, rounds, mean_acceptance_length,
   speedup_vs_ar, ar_baseline ("ar", or "ar-static" when that was faster: see --compile), ar_time_s,
   ar_tokens_per_s, identity_vs_ar (fraction, temperature 0 only),
-  n_mismatches, mismatches ("dataset/prompt_id@first_mismatch"; ";"-joined in the CSV),
+  n_mismatches, mismatches ("dataset/prompt_id@first_mismatch (margin m)"; ";"-joined in the CSV),
+  max_mismatch_margin (the widest top-2 margin among them),
   prefill_s, draft_s, tree_s, verify_s, commit_s (sums), other_s (time not in the split: generate()
   set-up, Python), mean_tree_size
 

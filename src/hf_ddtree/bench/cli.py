@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from hf_ddtree.device import BF16_CPU_FLAGS, DTYPE_CHOICES, cpu_flags, resolve_dtype
 from hf_ddtree.propose import D2SD_BOUNDARIES, D2SD_MAX_BRANCHES, DEFAULT_MAX_TREE_BUDGET, MAX_TREE_BUDGET
 
 from .runner import (AR_STATIC, BenchPrompt, Method, make_compile_config, merge_rows, parse_methods, prepare_prompts,
@@ -54,7 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", default="0", help="comma list; 0 = greedy (checked for identity with AR)")
     p.add_argument("--limit", type=int, default=None, help="prompts per dataset (default: all)")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument("--dtype", default="auto", choices=list(DTYPE_CHOICES),
+                   help="auto (default): bf16 where the device computes bf16 natively (CUDA, CPUs with avx512_bf16 / "
+                        "amx_bf16), else fp32; every method, AR and prompt lookup included, runs in it. Greedy output "
+                        "is checked token for token against AR in fp32; in bf16 differences are reported with the "
+                        "target's top-2 margin where they start")
     p.add_argument("--device", default="auto", help="auto (cuda:LOCAL_RANK if available, else cpu), cpu, cuda, cuda:N")
     p.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"], help="target attn_implementation")
     p.add_argument("--threads", type=int, default=None,
@@ -94,8 +99,17 @@ def parse_temperatures(spec: str) -> list[float]:
     return list(dict.fromkeys(temps))
 
 
-def _dtype(name: str) -> torch.dtype:
-    return {"fp32": torch.float32, "bf16": torch.bfloat16}[name]
+def _dtype(name: str, device: torch.device | str = "cpu") -> torch.dtype:
+    """--dtype as a torch dtype ("auto" for `device`; the CLI resolves it once up front, `resolve_dtype_arg`)."""
+    return resolve_dtype(name, device)[0]
+
+
+def resolve_dtype_arg(args, device: torch.device, log) -> None:
+    """Turn `--dtype auto` into fp32 / bf16 for `device` (args.dtype_requested keeps what was asked), and say which."""
+    args.dtype_requested = args.dtype
+    _, why = resolve_dtype(args.dtype, device)
+    args.dtype = "bf16" if why.startswith("bf16") else "fp32"
+    log(f"dtype: {why}")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -233,7 +247,7 @@ def load_drafter2(args, target, drafter) -> tuple[object | None, str | None]:
     if not any(m.needs_drafter2 for m in parse_methods(args.methods)):
         return None, None
     try:
-        d2 = load_drafter(args.drafter2, target, _dtype(args.dtype), variant="prefix")
+        d2 = load_drafter(args.drafter2, target, _dtype(args.dtype, next(target.parameters()).device), variant="prefix")
         if drafter is not None:
             from hf_ddtree.drafter import drafter_spec, validate_d2sd_pair
 
@@ -247,7 +261,7 @@ def load_pair(args, device: torch.device):
     """(target, tokenizer, drafter) on `device`; drafter is None when no method needs one. With --tp > 1
     the target is sharded by transformers (tp_plan="auto" places each rank's shard) and the drafter is
     a full copy next to it."""
-    dtype = _dtype(args.dtype)
+    dtype = _dtype(args.dtype, device)
     if getattr(args, "tp", 1) > 1:
         target, tokenizer = load_target_and_tokenizer(args.target, dtype, args.attn, tp_plan="auto")
     else:
@@ -322,6 +336,8 @@ def build_config(args, argv, info: DistInfo, device: torch.device, methods: list
         "max_new_tokens": args.max_new_tokens,
         "limit": args.limit,
         "dtype": args.dtype,
+        "dtype_requested": getattr(args, "dtype_requested", args.dtype),
+        "cpu_flags_bf16": sorted(cpu_flags() & BF16_CPU_FLAGS) if device.type == "cpu" else None,
         "attn_implementation": args.attn,
         "device": describe_device(device),
         "device_type": device.type,
@@ -405,6 +421,7 @@ def _run(args, argv, methods, temps, info: DistInfo) -> int:
         print(msg if info.world_size == 1 else f"[rank {info.rank}] {msg}", file=sys.stderr, flush=True)
 
     device = resolve_device(args.device, info)
+    resolve_dtype_arg(args, device, log if info.rank == 0 else (lambda m: None))
     if args.threads:
         torch.set_num_threads(args.threads)
     elif device.type == "cpu" and info.world_size > 1:
@@ -490,6 +507,7 @@ def _run_batched(args, argv, methods, sizes: list[int]) -> int:
         print(msg, file=sys.stderr, flush=True)
 
     device = resolve_device(args.device, DistInfo())
+    resolve_dtype_arg(args, device, log)
     if args.threads:
         torch.set_num_threads(args.threads)
     log(f"loading target {args.target!r} and drafter {args.drafter!r} ({args.dtype}, {device}) ...")

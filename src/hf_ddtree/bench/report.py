@@ -18,7 +18,7 @@ SUMMARY_FIELDS = (
     "dataset", "method", "kind", "tree_budget", "temperature", "status", "reason", "note",
     "n_prompts", "n_skipped", "new_tokens", "time_s", "tokens_per_s", "rounds", "mean_acceptance_length",
     "speedup_vs_ar", "ar_baseline", "ar_time_s", "ar_tokens_per_s", "identity_vs_ar", "n_mismatches", "mismatches",
-    *SPLIT_FIELDS, "other_s", "mean_tree_size",
+    "max_mismatch_margin", *SPLIT_FIELDS, "other_s", "mean_tree_size",
 )
 
 
@@ -76,9 +76,13 @@ def _summary(rows: list[dict], dataset: str, method: str, temperature: float, ar
         if checked:
             same = sum(bool(r["identical_to_ar"]) for r in checked)
             s["identity_vs_ar"] = same / len(checked)
-            s["mismatches"] = [f"{r['dataset']}/{r['prompt_id']}@{r['first_mismatch']}" for r in checked
-                               if not r["identical_to_ar"]]
+            differ = [r for r in checked if not r["identical_to_ar"]]
+            s["mismatches"] = [f"{r['dataset']}/{r['prompt_id']}@{r['first_mismatch']}"
+                               + (f" (margin {r['mismatch_margin']:.3g})" if r.get("mismatch_margin") is not None else "")
+                               for r in differ]
             s["n_mismatches"] = len(s["mismatches"])
+            margins = [r["mismatch_margin"] for r in differ if r.get("mismatch_margin") is not None]
+            s["max_mismatch_margin"] = max(margins) if margins else None
     for k in SPLIT_FIELDS:
         s[k] = _sum(r[k] for r in ok)
     if s["prefill_s"] is not None:
@@ -250,7 +254,10 @@ def format_markdown(summaries: Sequence[dict], config: dict | None = None) -> st
             if t == 0:
                 ident = _f(s["identity_vs_ar"], "{:.2f}")
                 if s["n_mismatches"]:
-                    ident += f" ({s['n_mismatches']} differ)"
+                    ident += f" ({s['n_mismatches']} differ"
+                    if s.get("max_mismatch_margin") is not None:
+                        ident += f"; top-2 margin there <= {s['max_mismatch_margin']:.3g}"
+                    ident += ")"
                 cells.append(ident)
             cells.append(split)
             lines.append("| " + " | ".join(cells) + " |")

@@ -448,6 +448,8 @@ def _row(prompt: BenchPrompt, method: Method, temperature: float, seed: int, ran
         **{k: None for k in SPLIT_FIELDS},
         "identical_to_ar": None,
         "first_mismatch": None,
+        "mismatch_margin": None,
+        "mismatch_gap": None,
         "output_ids": None,
     }
 
@@ -590,6 +592,9 @@ def run_benchmark(
                             ar_out = res["output_ids"]
                         elif temp == 0 and ar_out is not None:
                             row["identical_to_ar"], row["first_mismatch"] = _compare(ar_out, res["output_ids"])
+                            if row["first_mismatch"] is not None:
+                                row["mismatch_margin"], row["mismatch_gap"] = mismatch_margin(
+                                    target, p.input_ids, ar_out, res["output_ids"], row["first_mismatch"])
                         if m.kind == "ar" and temp == 0:
                             row["identical_to_ar"], row["first_mismatch"] = True, None
                 rows.append(row)
@@ -623,6 +628,22 @@ def _fill(row: dict, res: dict) -> None:
         for k in SPLIT_FIELDS:
             v = getattr(stats, k, None)
             row[k] = float(v) if v is not None else None
+
+
+@torch.inference_mode()
+def mismatch_margin(target, prompt_ids: list[int], ref: list[int], out: list[int], at: int) -> tuple[float | None, float | None]:
+    """At the first new token where `out` differs from AR's `ref`: (the target's logit margin between its
+    top two tokens, logit(AR's token) - logit(out's token)), from one plain forward over prompt + the
+    shared prefix, in the target's dtype. A near-tie (a margin at the dtype's rounding, e.g. bf16's) says
+    the two runs rounded differently; a wide margin would be a bug. (None, None) where one output simply
+    stopped earlier (no differing token)."""
+    if at >= min(len(ref), len(out)):
+        return None, None
+    device = next(target.parameters()).device
+    ids = torch.tensor([list(prompt_ids) + list(ref[:at])], device=device)
+    logits = target(input_ids=ids, logits_to_keep=1).logits[0, -1].float()  # (V,)
+    top = torch.topk(logits, 2).values
+    return float(top[0] - top[1]), float(logits[ref[at]] - logits[out[at]])
 
 
 def _compare(ref: list[int], out: list[int]) -> tuple[bool, int | None]:
