@@ -377,3 +377,30 @@ def test_real_calibration_policy_and_lossless_generate(tiny_pair, monkeypatch):
     assert len(reports) == len(out.stats.acceptance_lengths)
     assert all(len(k) == 1 for k in reports)  # one entry per row
     assert [k[0] + 1 for k in reports][:-1] == out.stats.acceptance_lengths[:-1]
+
+
+def test_plan_picks_the_round_kind_by_expected_rate():
+    """`CaDDTreePolicy.plan`: draft until drafted rounds have a rate; then the best of drafting (its realised
+    rate), the lookup tree alone (E = 1 + calibrated mass of the best n nodes, T = t_verify(n)) and the root
+    alone (1 / t_verify(0)); a drafted round at least every `explore_every`."""
+    from hf_ddtree.budget import CaDDTreePolicy, LatencyModel
+    from hf_ddtree.tree import merge_paths
+
+    lat = LatencyModel.from_points([0, 8, 64], [1.0, 1.2, 3.0], t_draft=1.0)
+    pol = CaDDTreePolicy(lat, 16, explore_every=4)
+    sure = merge_paths(5, [([6, 7, 8], [math.log(0.9)] * 3)], 16)  # a lookup path accepted with 0.9 per token
+    assert pol.plan(sure) == ("draft", 0)  # nothing known about drafting yet
+    pol(sure)  # the drafted round's budget (any tree)
+    pol.observe([0])  # it committed 1 token in T(n) > 2 s: 0.5 tok/s at best
+    kind, n = pol.plan(sure)
+    e = 1 + 0.9 + 0.81 + 0.729
+    assert kind == "lookup" and n == 3 and e / lat.verify_time(3) > 1 / lat.verify_time(0)
+    assert pol.plan(None) == ("root", 0)  # no lookup: the root alone (1 tok/s) beats drafting (0.5)
+    assert pol.plan(None) == ("root", 0)
+    assert pol.plan(None) == ("draft", 0)  # 3 rounds without drafting: the 4th explores
+    assert pol.kinds == ["draft", "lookup", "root", "root", "draft"]
+    rich = CaDDTreePolicy(lat, 16)
+    rich.plan(None)
+    rich(sure)
+    rich.observe([6])  # 7 tokens per drafted round: well above the root's rate
+    assert rich.plan(None) == ("draft", 0) and rich.plan(sure) == ("draft", 0)

@@ -358,6 +358,59 @@ def repetitive_case():
     raise AssertionError(f"the target's greedy output does not repeat itself: {full}")
 
 
+@pytest.fixture
+def costly_drafter(monkeypatch, tmp_path):
+    """A latency model where the drafter forward costs 4 verifies: CaDDTree then skips it where it does not pay."""
+    monkeypatch.setenv("HF_DDTREE_CACHE", str(tmp_path / "hfdd"))
+    calibrate_mod.clear_memory_cache()
+    lat = budget_mod.LatencyModel.from_points([0, 8, 64], [1.0, 1.1, 2.0], t_draft=4.0)
+    monkeypatch.setattr(calibrate_mod, "calibrate", lambda *a, **k: lat)
+    yield lat
+    calibrate_mod.clear_memory_cache()
+
+
+def test_caddtree_lookup_skips_the_drafter_where_it_does_not_pay(costly_drafter):
+    """Rounds of the lookup tree alone (no drafter forward) on repeated text, of the root alone elsewhere, a
+    drafted round at least every `explore_every` rounds; the output is stock's either way."""
+    target, prompt, ref = repetitive_case()
+    hf_ddtree.enable(target)
+    drafter = build_drafter(target, seed=2)
+    calls = []
+    handle = drafter.register_forward_pre_hook(lambda *a: calls.append(1))
+    try:
+        out = target.generate(prompt, assistant_model=drafter, method="ddtree-lookup", tree_budget="auto",
+                              max_tree_budget=16, do_sample=False, max_new_tokens=24, return_dict_in_generate=True)
+    finally:
+        handle.remove()
+    assert torch.equal(out.sequences, ref)
+    kinds = out.stats.round_kinds
+    assert len(kinds) == len(out.acceptance_lengths)
+    assert kinds[0] == "draft" and "lookup" in kinds and len(calls) == kinds.count("draft")
+    runs = "".join(k[0] for k in kinds).split("d")
+    assert max(len(r) for r in runs) < 8  # explore_every: a drafted round at least every 8
+    for kind, acc, size in zip(kinds, out.acceptance_lengths, out.stats.tree_sizes):
+        if kind == "root":
+            assert acc == 1 and size == 0
+    # where drafting pays (a cheap drafter), the plan keeps drafting
+    costly_drafter.t_draft = 0.0
+    costly_drafter._totals.clear()
+    out = target.generate(prompt, assistant_model=build_drafter(target, seed=2), method="ddtree-lookup",
+                          tree_budget="auto", max_tree_budget=16, do_sample=False, max_new_tokens=24,
+                          return_dict_in_generate=True)
+    assert torch.equal(out.sequences, ref)
+
+
+def test_caddtree_lookup_round_kinds_keep_the_sampling_law(costly_drafter):
+    cfg = ts.CONFIGS["penalty_topk_topp"]
+    target, drafters = ts.setup(cfg["seed"])
+    exact = ts.exact_distribution(target, cfg["procs"]())
+    counts, accept, _ = ts.sample(target, ts.N_SPEC, seed=321, gen_kw=cfg["gen"],
+                                  method_kw=dict(assistant_model=drafters["oracle"], method="ddtree-lookup",
+                                                 tree_budget="auto", max_tree_budget=8))
+    stat, df, p = ts.chi_square_pvalue(counts, exact)
+    assert p > ts.ALPHA, f"chi2={stat:.1f} df={df} p={p:.2e}"
+
+
 def test_lookup_wins_on_a_repetitive_prompt():
     target, prompt, ref = repetitive_case()
     hf_ddtree.enable(target)

@@ -275,7 +275,8 @@ class CaDDTreePolicy:
 
     def __init__(self, latency: LatencyModel, max_nodes: int, online: bool = False, ema: float = 0.1,
                  clock: Callable[[], float] = time.perf_counter, calibrate_acceptance: bool = True,
-                 decay: float = 0.95, prior_rounds: float = 2.0, min_scale: float = 0.02, max_scale: float = 2.0):
+                 decay: float = 0.95, prior_rounds: float = 2.0, min_scale: float = 0.02, max_scale: float = 2.0,
+                 explore_every: int = 8):
         self.latency = latency
         self.max_nodes = int(max_nodes)
         self.online = online
@@ -288,6 +289,13 @@ class CaDDTreePolicy:
         self._base = latency.base_totals(self.max_nodes)
         self._last: float | None = None
         self._last_mass: float | None = None
+        # round kinds (`plan`): the realised rate of drafted rounds, as discounted sums of committed tokens and
+        # modelled seconds; `explore_every`: draft at least once in that many rounds, so the rate stays current
+        self.explore_every = int(explore_every)
+        self._draft_tokens = self._draft_time = 0.0
+        self._pending_time: float | None = None  # modelled time of the drafted round awaiting `observe`
+        self._since_draft = 0
+        self.kinds: list[str] = []  # the kind of every planned round ("draft", "lookup", "root")
 
     @property
     def acceptance_scale(self) -> float:
@@ -316,7 +324,45 @@ class CaDDTreePolicy:
             n, mass = self._choose_batch(trees)
         self.budgets.append(n)
         self._last_mass = mass
+        if len(trees) == 1:
+            self._pending_time = self._base[n] + self.latency.t_overhead
         return n
+
+    @property
+    def draft_rate(self) -> float | None:
+        """Tokens per modelled second that drafted rounds have delivered lately (None before the first)."""
+        return self._draft_tokens / self._draft_time if self._draft_time > 0 else None
+
+    def plan(self, lookup: Tree | None) -> tuple[str, int]:
+        """This round's kind, by expected tokens per second (one row), decided before the drafter runs:
+
+          * "draft": the drafter's tree (plus lookup), budget chosen later by `__call__`; its rate is
+            the one drafted rounds have delivered lately (`draft_rate`: committed tokens / T(n));
+          * "lookup": the lookup candidates alone, no drafter forward: E = 1 + sum of their calibrated
+            acceptance probabilities over the best n nodes, T = t_verify(n) (the stopping rule on that
+            curve picks n);
+          * "root": the root alone (an autoregressive step), E = 1, T = t_verify(0).
+        Returns (kind, n) with n the lookup nodes to verify (0 otherwise). Drafts when nothing is known
+        yet, and at least once every `explore_every` rounds."""
+        lat = self.latency
+        c = lat.t_overhead
+        options = {"root": (1.0 / (lat.verify_time(0) + c), 0)}
+        if lookup is not None and lookup.num_nodes:
+            T = [lat.verify_time(n) for n in range(min(lookup.num_nodes, self.max_nodes) + 1)]
+            n, mass = _choose_from_scores(lookup.scores, T, len(T) - 1, c)
+            options["lookup"] = ((1.0 + mass) / (T[n] + c), n)
+        rate = self.draft_rate
+        if rate is None or self._since_draft + 1 >= self.explore_every:
+            kind = "draft"
+        else:
+            kind = max(options, key=lambda k: options[k][0])
+            if rate >= options[kind][0]:
+                kind = "draft"
+        self._since_draft = 0 if kind == "draft" else self._since_draft + 1
+        if kind != "draft":
+            self._last = None  # `online`: the next gap between calls would span more than one round
+        self.kinds.append(kind)
+        return kind, (options[kind][1] if kind != "draft" else 0)
 
     def _choose_batch(self, trees: Sequence[Tree]) -> tuple[int, float]:
         B = len(trees)
@@ -338,6 +384,10 @@ class CaDDTreePolicy:
 
     def observe(self, accepted: Sequence[float]) -> None:
         """Called by the decoding loop after each round: draft tokens accepted, one entry per row."""
+        if self._pending_time is not None and len(accepted) == 1:
+            self._draft_tokens = self.decay * self._draft_tokens + 1.0 + float(accepted[0])
+            self._draft_time = self.decay * self._draft_time + self._pending_time
+        self._pending_time = None
         if self._last_mass is None:
             return
         self._accepted = self.decay * self._accepted + float(sum(accepted))

@@ -50,6 +50,7 @@ class DecodeStats:
 
     acceptance_lengths: list[int] = field(default_factory=list)
     tree_sizes: list[int] = field(default_factory=list)
+    round_kinds: list[str] = field(default_factory=list)  # per round: "draft", "lookup" (no drafter) or "root"
     prefill_s: float = 0.0
     draft_s: float = 0.0
     tree_s: float = 0.0
@@ -348,6 +349,9 @@ def speculative_decoding(
             context = torch.cat([pending.to(context.dtype), context], dim=1)  # (1, C, F): positions [end, P)
             context_lengths = [context.shape[1]]
     observers = [proposer] if budget_policy is None else [proposer, budget_policy]
+    # round kinds (CaDDTree over lookup, one row, not tensor-parallel): a round may verify the lookup tree or the
+    # root alone, without the drafter forward, when that promises more tokens per second (`CaDDTreePolicy.plan`)
+    plans = hasattr(budget_policy, "plan") and hasattr(proposer, "lookup_only") and tp is None
     # on a tensor-parallel target the leader walks, every rank takes its path
     accept = leader_accept(tp, accept_on_device if on_device else accept_on_host)
     mask_out = None  # with padding and a static cache every verify has one shape: reuse one mask buffer
@@ -375,7 +379,15 @@ def speculative_decoding(
 
         # ---- draft + tree: the proposer's drafter forward(s), then one tree per row, cut by the policy --
         drafted = rnd.depth_limit > 0 and max_nodes > 0
-        if not drafted:
+        kind = "draft" if drafted else "root"
+        if drafted and plans and len(active) == 1:  # CaDDTree may skip the drafter: lookup alone, or the root alone
+            lookup = proposer.lookup_only(rnd)
+            kind, n = budget_policy.plan(lookup)
+            drafted = kind == "draft"
+        stats.round_kinds.append(kind)
+        if kind == "lookup":
+            trees = [lookup.truncate(n)]  # the lookup candidates' best n nodes, no drafter forward
+        elif not drafted:
             trees = build_chains(rnd.roots, ids.new_empty(len(active), 0))  # verify the roots alone, no draft
         else:
             drafts = proposer.draft(rnd)

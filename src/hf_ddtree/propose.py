@@ -442,6 +442,7 @@ class _LookupRow:
         self.calibrator = LookupCalibrator(self.index.max_ngram)
         self.pending: list = []  # last round's candidates, scored once the next round shows what was committed
         self.pending_at = 0  # text length when they were proposed
+        self.planned: tuple | None = None  # (text length, depth, candidates) of the round asked last
 
     def sync(self, ids: list[int]) -> None:
         """ids: the committed tokens of the row (host ints)."""
@@ -518,9 +519,28 @@ class LookupProposer(DFlashProposer):
             trees.append(lookup_tree(texts[b][-1], h_lp[b], h_ids[b], paths, self.max_nodes))
         return trees
 
+    def lookup_only(self, round: Round) -> Tree | None:
+        """One row: the tree of its lookup candidates alone (no drafter forward; scores are the calibrated
+        log acceptance probabilities), or None when lookup has nothing. The candidates are the ones `build`
+        then uses if the round drafts after all (`plan` may still choose it)."""
+        if round.rows != 1:
+            raise ValueError("lookup_only plans one row.")
+        depth = self.max_depth if round.max_depth is None else min(self.max_depth, round.max_depth)
+        text = round.text_list(0)
+        cands = self._candidates(self.rows[0], text, depth)
+        if not cands or depth < 1:
+            return None
+        calib = self.rows[0].calibrator
+        paths = candidate_paths(cands, [[float("-inf")] * len(c.tokens) for c in cands],
+                                [calib.token_logprobs(c) for c in cands])
+        return merge_paths(text[-1], [p for p in paths if p[0]], self.max_nodes)
+
     def _candidates(self, row: _LookupRow, text: list[int], depth: int):
         """The row's lookup candidates for this round (host work only): the index catches up with
-        the committed text, last round's candidates are scored against it, new ones are found."""
+        the committed text, last round's candidates are scored against it, new ones are found.
+        Asked twice in one round (`lookup_only`, then `build`), it answers the same."""
+        if row.planned is not None and row.planned[:2] == (len(text), depth):
+            return row.planned[2]
         row.sync(text)
         if row.pending:
             row.calibrator.observe(row.pending, row.index.text[row.pending_at:])
@@ -529,6 +549,7 @@ class LookupProposer(DFlashProposer):
         if cands:
             row.pending, row.pending_at = cands, len(row.index)
             self.proposed += len(cands)
+        row.planned = (len(text), depth, cands)
         return cands
 
     def select(self, rows: list[int]) -> None:
