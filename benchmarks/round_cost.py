@@ -32,6 +32,8 @@ def main(argv=None) -> int:
     ap.add_argument("--prompts", type=int, default=3, help="prompts per dataset (humaneval, gsm8k, mt-bench)")
     ap.add_argument("--new", type=int, default=64, help="new tokens per generation")
     ap.add_argument("--reps", type=int, default=2, help="interleaved passes (medians over them)")
+    ap.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"],
+                    help="auto: bf16 where this CPU computes it natively (hf_ddtree.device.resolve_dtype), else fp32")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -41,7 +43,11 @@ def main(argv=None) -> int:
     from hf_ddtree.models import load_default_drafter, load_target
     from transformers import GenerationMixin
 
-    target, tok = load_target("smollm2-135m", dtype=torch.float32, attn_implementation="sdpa")
+    from hf_ddtree.device import resolve_dtype
+
+    dtype, dtype_name = resolve_dtype(args.dtype)
+    print(f"dtype: {dtype_name}", file=sys.stderr)
+    target, tok = load_target("smollm2-135m", dtype=dtype, attn_implementation="sdpa")
     drafter = load_default_drafter(target)
     hf_ddtree.enable(target)
     prompts = load_bench_prompts("humaneval,gsm8k,mt-bench", tok, args.prompts)
@@ -105,11 +111,12 @@ def main(argv=None) -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    meta = dict(device=describe_device(torch.device("cpu")), threads=args.threads, method=args.method,
+    meta = dict(device=describe_device(torch.device("cpu")), dtype="bf16" if dtype == torch.bfloat16 else "fp32",
+                threads=args.threads, method=args.method,
                 prompts=len(prompts), new_tokens=args.new, reps=args.reps, ar_step_ms=1e3 * ar_step,
                 torch=torch.__version__, hf_ddtree=hf_ddtree.__version__)
     (out / "round_cost.json").write_text(json.dumps(dict(meta=meta, table=table), indent=1))
-    lines = [f"{meta['device']}, fp32, {args.threads} threads, {len(prompts)} prompts x {args.new} new tokens, "
+    lines = [f"{meta['device']}, {meta['dtype']}, {args.threads} threads, {len(prompts)} prompts x {args.new} new tokens, "
              f"{args.reps} interleaved passes, medians; AR step (stock, eager, dynamic cache) = {meta['ar_step_ms']:.1f} ms", "",
              f"| cache | {args.method} budget | round (AR steps) | draft | tree | verify | commit | acceptance | speed vs AR |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]

@@ -399,6 +399,9 @@ def test_plan_picks_the_round_kind_by_expected_rate():
     assert pol.plan(None) == ("root", 0)
     assert pol.plan(None) == ("draft", 0)  # 3 rounds without drafting: the 4th explores
     assert pol.kinds == ["draft", "lookup", "root", "root", "draft"]
+    pol(sure)
+    pol.observe([0])  # the exploratory draft lost again: the next one waits twice as long
+    assert [pol.plan(None)[0] for _ in range(8)] == ["root"] * 7 + ["draft"]
     rich = CaDDTreePolicy(lat, 16)
     rich.plan(None)
     rich(sure)

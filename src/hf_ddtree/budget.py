@@ -276,7 +276,7 @@ class CaDDTreePolicy:
     def __init__(self, latency: LatencyModel, max_nodes: int, online: bool = False, ema: float = 0.1,
                  clock: Callable[[], float] = time.perf_counter, calibrate_acceptance: bool = True,
                  decay: float = 0.95, prior_rounds: float = 2.0, min_scale: float = 0.02, max_scale: float = 2.0,
-                 explore_every: int = 8):
+                 explore_every: int = 8, rate_decay: float = 0.8):
         self.latency = latency
         self.max_nodes = int(max_nodes)
         self.online = online
@@ -291,10 +291,11 @@ class CaDDTreePolicy:
         self._last_mass: float | None = None
         # round kinds (`plan`): the realised rate of drafted rounds, as discounted sums of committed tokens and
         # modelled seconds; `explore_every`: draft at least once in that many rounds, so the rate stays current
-        self.explore_every = int(explore_every)
+        self.explore_every, self.rate_decay = int(explore_every), float(rate_decay)
         self._draft_tokens = self._draft_time = 0.0
         self._pending_time: float | None = None  # modelled time of the drafted round awaiting `observe`
         self._since_draft = 0
+        self._interval = self.explore_every  # rounds between exploratory drafts (grows while drafting loses)
         self.kinds: list[str] = []  # the kind of every planned round ("draft", "lookup", "root")
 
     @property
@@ -343,7 +344,8 @@ class CaDDTreePolicy:
             curve picks n);
           * "root": the root alone (an autoregressive step), E = 1, T = t_verify(0).
         Returns (kind, n) with n the lookup nodes to verify (0 otherwise). Drafts when nothing is known
-        yet, and at least once every `explore_every` rounds."""
+        yet, and otherwise at least once every `explore_every` rounds, an interval that doubles (up to 8x)
+        each time an exploratory draft finds drafting still behind, and resets once it is ahead."""
         lat = self.latency
         c = lat.t_overhead
         options = {"root": (1.0 / (lat.verify_time(0) + c), 0)}
@@ -352,12 +354,15 @@ class CaDDTreePolicy:
             n, mass = _choose_from_scores(lookup.scores, T, len(T) - 1, c)
             options["lookup"] = ((1.0 + mass) / (T[n] + c), n)
         rate = self.draft_rate
-        if rate is None or self._since_draft + 1 >= self.explore_every:
+        best = max(options, key=lambda k: options[k][0])
+        if rate is None or rate >= options[best][0]:
             kind = "draft"
+            self._interval = self.explore_every  # drafting pays: explore at the base interval again
+        elif self._since_draft + 1 >= self._interval:
+            kind = "draft"  # explore; while drafting keeps losing, explore half as often each time (up to 8x)
+            self._interval = min(8 * self.explore_every, 2 * self._interval)
         else:
-            kind = max(options, key=lambda k: options[k][0])
-            if rate >= options[kind][0]:
-                kind = "draft"
+            kind = best
         self._since_draft = 0 if kind == "draft" else self._since_draft + 1
         if kind != "draft":
             self._last = None  # `online`: the next gap between calls would span more than one round
@@ -385,8 +390,9 @@ class CaDDTreePolicy:
     def observe(self, accepted: Sequence[float]) -> None:
         """Called by the decoding loop after each round: draft tokens accepted, one entry per row."""
         if self._pending_time is not None and len(accepted) == 1:
-            self._draft_tokens = self.decay * self._draft_tokens + 1.0 + float(accepted[0])
-            self._draft_time = self.decay * self._draft_time + self._pending_time
+            d = self.rate_decay  # recent drafted rounds count most: the text's kind changes within an answer
+            self._draft_tokens = d * self._draft_tokens + 1.0 + float(accepted[0])
+            self._draft_time = d * self._draft_time + self._pending_time
         self._pending_time = None
         if self._last_mass is None:
             return
