@@ -30,8 +30,10 @@ def demo_main(argv=None) -> int:
     p.add_argument("--prompt", action="append", default=None,
                    help="a prompt of your own (repeatable); default: one code, one math and one chat prompt")
     p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--tree-budget", default="16",
-                   help="node budget (int) or 'auto' for CaDDTree (16: the best fixed budget on this CPU, docs/benchmarks.md)")
+    p.add_argument("--tree-budget", default="auto",
+                   help="'auto' (default: CaDDTree, which also decides each round whether the drafter runs at all; "
+                        "calibrated once per machine, ~15 s, then cached) or a fixed node budget (16 is the best fixed one "
+                        "on this CPU, docs/benchmarks.md)")
     p.add_argument("--method", default="ddtree-lookup", choices=["ddtree", "ddtree-lookup"],
                    help="ddtree-lookup (default: faster than ddtree on every bench task, docs/benchmarks.md): the "
                         "drafter's tree plus n-gram lookup continuations of the prompt and the answer, under the same "
