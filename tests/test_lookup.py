@@ -298,14 +298,19 @@ def test_greedy_is_token_identical(arch, cache):
                 check_stats(out, P, b)
 
 
-@pytest.fixture
-def fake_latency(monkeypatch, tmp_path):
+def calibrated_as(monkeypatch, tmp_path, lat):
+    """CaDDTree's calibration replaced by the latency model `lat` (an empty disk cache around it)."""
     monkeypatch.setenv("HF_DDTREE_CACHE", str(tmp_path / "hfdd"))
     calibrate_mod.clear_memory_cache()
-    lat = budget_mod.LatencyModel.from_points([0, 8, 64], [1.0, 1.3, 4.0], t_draft=0.2)
     monkeypatch.setattr(calibrate_mod, "calibrate", lambda *a, **k: lat)
     yield lat
     calibrate_mod.clear_memory_cache()
+
+
+@pytest.fixture
+def fake_latency(monkeypatch, tmp_path):
+    yield from calibrated_as(monkeypatch, tmp_path,
+                             budget_mod.LatencyModel.from_points([0, 8, 64], [1.0, 1.3, 4.0], t_draft=0.2))
 
 
 def test_caddtree_lookup_is_lossless(fake_latency):
@@ -361,12 +366,8 @@ def repetitive_case():
 @pytest.fixture
 def costly_drafter(monkeypatch, tmp_path):
     """A latency model where the drafter forward costs 4 verifies: CaDDTree then skips it where it does not pay."""
-    monkeypatch.setenv("HF_DDTREE_CACHE", str(tmp_path / "hfdd"))
-    calibrate_mod.clear_memory_cache()
-    lat = budget_mod.LatencyModel.from_points([0, 8, 64], [1.0, 1.1, 2.0], t_draft=4.0)
-    monkeypatch.setattr(calibrate_mod, "calibrate", lambda *a, **k: lat)
-    yield lat
-    calibrate_mod.clear_memory_cache()
+    yield from calibrated_as(monkeypatch, tmp_path,
+                             budget_mod.LatencyModel.from_points([0, 8, 64], [1.0, 1.1, 2.0], t_draft=4.0))
 
 
 def test_caddtree_lookup_skips_the_drafter_where_it_does_not_pay(costly_drafter):

@@ -103,13 +103,18 @@ def make_cache(target, kind: str, max_cache_len: int):
     view = copy.copy(config)  # shallow: the target's own config is left untouched
     view.layer_types = [FULL_ATTENTION] * int(config.num_hidden_layers)
     cache = StaticCache(config=view, max_cache_len=max_cache_len) if kind == "static" else DynamicCache(config=view)
-    odd = sorted({type(layer).__name__ for layer in cache.layers} - {"StaticLayer", "DynamicLayer"})
+    odd = _odd_layers(cache)
     if odd:
         raise ValueError(
             f"hf_ddtree cannot compact this target's cache layers ({', '.join(odd)}): it needs one "
             "key/value cache per decoder layer (no shared or recurrent layers)."
         )
     return cache
+
+
+def _odd_layers(cache) -> list[str]:
+    """Names of the cache's layer classes other than the plain full-length ones compaction can move."""
+    return sorted({type(layer).__name__ for layer in cache.layers} - {"StaticLayer", "DynamicLayer"})
 
 
 def adopt_cache(cache, target, max_cache_len: int, grow: bool = False) -> int:
@@ -128,7 +133,7 @@ def adopt_cache(cache, target, max_cache_len: int, grow: bool = False) -> int:
             "StaticCache (the one a previous generate() returned, or StaticCache(config=model.config, max_cache_len=N))."
         )
     layers = int(text_config(target).num_hidden_layers)
-    odd = sorted({type(layer).__name__ for layer in cache.layers} - {"StaticLayer", "DynamicLayer"})
+    odd = _odd_layers(cache)
     if odd or len(cache.layers) not in (0, layers):
         what = f"has {', '.join(odd)} layers" if odd else f"has {len(cache.layers)} layers for a {layers}-layer target"
         raise ValueError(

@@ -47,7 +47,7 @@ def demo_main(argv=None) -> int:
         torch.set_num_threads(args.threads)
 
     import hf_ddtree
-    from hf_ddtree.bench.runner import mismatch_margin
+    from hf_ddtree.bench.runner import compare_outputs, mismatch_margin
     from hf_ddtree.data import to_chat_ids
     from hf_ddtree.models import load_default_pair
 
@@ -76,11 +76,11 @@ def demo_main(argv=None) -> int:
         out = target.generate(ids, **spec, return_dict_in_generate=True, **common)
         t_dd = time.perf_counter() - t0
         ref, got = ar[0, ids.shape[1]:].tolist(), out.sequences[0, ids.shape[1]:].tolist()
-        if ref == got:
+        identical, at = compare_outputs(ref, got)
+        if identical:
             same = "yes"
         else:
             all_same = False
-            at = next((i for i, (x, y) in enumerate(zip(ref, got)) if x != y), min(len(ref), len(got)))
             margin, _ = mismatch_margin(target, ids[0].tolist(), ref, got, at)
             same = f"no: from token {at}" + (f", target's top-2 margin there {margin:.3g}" if margin is not None else "")
         tau = out.stats.mean_acceptance_length

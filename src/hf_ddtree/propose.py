@@ -493,7 +493,7 @@ class LookupProposer(DFlashProposer):
         while len(self.rows) < round.rows:  # first round of a batch
             self.rows.append(_LookupRow(self.rows[0].index))
         D = logprobs.shape[1]
-        depth = max(D, min(self.max_depth, D if round.max_depth is None else round.max_depth))
+        depth = self._lookup_depth(round, D)
         texts = [round.text_list(b) for b in range(round.rows)]
         cands = [self._candidates(self.rows[b], texts[b], depth) for b in range(round.rows)]
         top_lp, top_ids = topk_per_position(logprobs, self.max_nodes)  # (B, D, k)
@@ -525,7 +525,7 @@ class LookupProposer(DFlashProposer):
         then uses if the round drafts after all (`plan` may still choose it)."""
         if round.rows != 1:
             raise ValueError("lookup_only plans one row.")
-        depth = self.max_depth if round.max_depth is None else min(self.max_depth, round.max_depth)
+        depth = self._lookup_depth(round, round.depth_limit)
         text = round.text_list(0)
         cands = self._candidates(self.rows[0], text, depth)
         if not cands or depth < 1:
@@ -534,6 +534,10 @@ class LookupProposer(DFlashProposer):
         paths = candidate_paths(cands, [[float("-inf")] * len(c.tokens) for c in cands],
                                 [calib.token_logprobs(c) for c in cands])
         return merge_paths(text[-1], [p for p in paths if p[0]], self.max_nodes)
+
+    def _lookup_depth(self, round: Round, D: int) -> int:
+        """Deepest lookup node this round: past the drafter's D depths up to `max_depth`, within the round's own."""
+        return max(D, min(self.max_depth, D if round.max_depth is None else round.max_depth))
 
     def _candidates(self, row: _LookupRow, text: list[int], depth: int):
         """The row's lookup candidates for this round (host work only): the index catches up with

@@ -107,8 +107,8 @@ def _dtype(name: str, device: torch.device | str = "cpu") -> torch.dtype:
 def resolve_dtype_arg(args, device: torch.device, log) -> None:
     """Turn `--dtype auto` into fp32 / bf16 for `device` (args.dtype_requested keeps what was asked), and say which."""
     args.dtype_requested = args.dtype
-    _, why = resolve_dtype(args.dtype, device)
-    args.dtype = "bf16" if why.startswith("bf16") else "fp32"
+    dtype, why = resolve_dtype(args.dtype, device)
+    args.dtype = "bf16" if dtype == torch.bfloat16 else "fp32"
     log(f"dtype: {why}")
 
 

@@ -591,7 +591,7 @@ def run_benchmark(
                         if m.kind == "ar":
                             ar_out = res["output_ids"]
                         elif temp == 0 and ar_out is not None:
-                            row["identical_to_ar"], row["first_mismatch"] = _compare(ar_out, res["output_ids"])
+                            row["identical_to_ar"], row["first_mismatch"] = compare_outputs(ar_out, res["output_ids"])
                             if row["first_mismatch"] is not None:
                                 row["mismatch_margin"], row["mismatch_gap"] = mismatch_margin(
                                     target, p.input_ids, ar_out, res["output_ids"], row["first_mismatch"])
@@ -646,7 +646,8 @@ def mismatch_margin(target, prompt_ids: list[int], ref: list[int], out: list[int
     return float(top[0] - top[1]), float(logits[ref[at]] - logits[out[at]])
 
 
-def _compare(ref: list[int], out: list[int]) -> tuple[bool, int | None]:
+def compare_outputs(ref: list[int], out: list[int]) -> tuple[bool, int | None]:
+    """(identical, index of the first differing new token: a token that differs, or where the shorter one ends)."""
     if ref == out:
         return True, None
     for i, (a, b) in enumerate(zip(ref, out)):
