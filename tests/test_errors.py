@@ -170,7 +170,8 @@ def test_unsupported_cache_implementation(target, drafter):
 
 
 def test_unsupported_layer_types():
-    """Sliding-window layers work (tests/test_sliding_window.py); chunked or linear attention cannot.
+    """Sliding-window layers work (tests/test_sliding_window.py), and Gated DeltaNet linear attention
+    (tests/test_hybrid.py); chunked attention cannot, nor linear-attention layers of an unknown module.
     (stock generate() itself already fails on such a Qwen3 config, so the refusal is checked where it lives)"""
     from transformers import Qwen3ForCausalLM
 
@@ -179,7 +180,9 @@ def test_unsupported_layer_types():
     cfg_target = build_target("qwen3", "sdpa", seed=0)
     for kind in ("chunked_attention", "linear_attention"):
         cfg = Qwen3Config(**{**cfg_target.config.to_dict(), "layer_types": [kind, "full_attention", "full_attention"]})
-        with pytest.raises(ValueError, match=rf"full-attention and sliding-window layers only.*'{kind}' layers"):
+        msg = (r"not Gated DeltaNet layers hf_ddtree knows" if kind == "linear_attention"
+               else rf"full-attention, sliding-window and Gated DeltaNet linear-attention layers only.*'{kind}' layers")
+        with pytest.raises(ValueError, match=msg):
             make_cache(Qwen3ForCausalLM._from_config(cfg, attn_implementation="sdpa"), "static", 32)
 
 

@@ -23,11 +23,15 @@ import copy
 from dataclasses import dataclass
 
 import torch
-from transformers.cache_utils import DynamicCache, DynamicLayer, StaticCache, StaticLayer
+from transformers.cache_utils import DynamicCache, DynamicLayer, LinearAttentionLayer, StaticCache, StaticLayer
+
+from . import linear_attention as la
+from .compat import LINEAR_ATTENTION, linear_attention_modules, linear_states
 
 CACHE_KINDS = ("static", "dynamic")
 FULL_ATTENTION = "full_attention"
 SLIDING_ATTENTION = "sliding_attention"
+KV_LAYERS = (StaticLayer, DynamicLayer)  # the layers holding keys and values (compaction moves them)
 
 
 def text_config(model_or_config):
@@ -46,8 +50,9 @@ def attention_windows(config) -> dict[str, int | None]:
       * without it (Mistral, Phi-3, Llama, ...): every layer is sliding when `config.sliding_window`
         is set, else full attention.
 
-    Raises ValueError for layer kinds hf_ddtree cannot verify a tree over (chunked, linear or
-    recurrent attention, bidirectional sliding windows, per-layer windows).
+    "linear_attention" layers (Gated DeltaNet: Qwen3-Next, Qwen3.5) take no attention mask and have no
+    entry. Raises ValueError for layer kinds hf_ddtree cannot verify a tree over (chunked attention,
+    Mamba / conv / other recurrent layers, bidirectional sliding windows, per-layer windows).
     """
     if getattr(config, "is_heterogeneous", False) and (
         set(getattr(config, "per_layer_attributes", None) or ()) & {"sliding_window", "attention_chunk_size", "layer_types"}
@@ -71,6 +76,8 @@ def attention_windows(config) -> dict[str, int | None]:
             layer_types = [FULL_ATTENTION]
     windows: dict[str, int | None] = {}
     for kind in dict.fromkeys(layer_types):  # first-seen order
+        if kind == LINEAR_ATTENTION:
+            continue  # Gated DeltaNet layers: no attention mask, their states follow the tree (linear_attention.py)
         if kind == FULL_ATTENTION:
             windows[kind] = None
         elif kind == SLIDING_ATTENTION:
@@ -83,9 +90,10 @@ def attention_windows(config) -> dict[str, int | None]:
             windows[kind] = window
         else:
             raise ValueError(
-                f"hf_ddtree verifies trees over full-attention and sliding-window layers only; this target has "
-                f"{kind!r} layers (layer types: {sorted(set(layer_types))}), whose state cannot be verified as a "
-                "tree and compacted. Use a target with full or sliding-window attention."
+                f"hf_ddtree verifies trees over full-attention, sliding-window and Gated DeltaNet linear-attention "
+                f"layers only; this target has {kind!r} layers (layer types: {sorted(set(layer_types))}), whose state "
+                "cannot be verified as a tree and compacted yet. Use a target with full or sliding-window attention, "
+                "or a Qwen3-Next / Qwen3.5 hybrid."
             )
     return windows
 
@@ -100,10 +108,11 @@ def make_cache(target, kind: str, max_cache_len: int):
         )
     config = text_config(target)
     attention_windows(config)  # refuses what cannot work, before any forward
+    linear_attention_modules(target)  # and linear-attention layers of an unknown kind
     view = copy.copy(config)  # shallow: the target's own config is left untouched
-    view.layer_types = [FULL_ATTENTION] * int(config.num_hidden_layers)
+    view.layer_types = _cache_layer_types(config)
     cache = StaticCache(config=view, max_cache_len=max_cache_len) if kind == "static" else DynamicCache(config=view)
-    odd = _odd_layers(cache)
+    odd = _odd_layers(cache, config)
     if odd:
         raise ValueError(
             f"hf_ddtree cannot compact this target's cache layers ({', '.join(odd)}): it needs one "
@@ -112,9 +121,33 @@ def make_cache(target, kind: str, max_cache_len: int):
     return cache
 
 
-def _odd_layers(cache) -> list[str]:
-    """Names of the cache's layer classes other than the plain full-length ones compaction can move."""
-    return sorted({type(layer).__name__ for layer in cache.layers} - {"StaticLayer", "DynamicLayer"})
+def _cache_layer_types(config) -> list[str]:
+    """The layer types of the cache hf_ddtree keeps: full-length K/V for every attention layer (sliding
+    windows live in the masks), the linear-attention state layers where the target has them."""
+    types = list(getattr(config, "layer_types", None) or [FULL_ATTENTION] * int(config.num_hidden_layers))
+    return [LINEAR_ATTENTION if t == LINEAR_ATTENTION else FULL_ATTENTION for t in types]
+
+
+def _odd_layers(cache, config) -> list[str]:
+    """Names of the cache's layer classes other than the ones a tree round can handle: plain full-length
+    K/V layers at the attention layers, `LinearAttentionLayer`s at the linear-attention layers."""
+    types = _cache_layer_types(config)
+    odd = set()
+    for i, layer in enumerate(cache.layers):
+        linear = i < len(types) and types[i] == LINEAR_ATTENTION
+        if not (type(layer) is LinearAttentionLayer if linear else type(layer) in KV_LAYERS):
+            odd.add(type(layer).__name__)
+    return sorted(odd)
+
+
+def kv_layers(cache) -> list:
+    """The cache's key/value layers (linear-attention state layers left out)."""
+    return [layer for layer in cache.layers if isinstance(layer, KV_LAYERS)]
+
+
+def linear_layer_indices(cache) -> list[int]:
+    """The indices of the cache's linear-attention state layers."""
+    return [i for i, layer in enumerate(cache.layers) if isinstance(layer, LinearAttentionLayer)]
 
 
 def adopt_cache(cache, target, max_cache_len: int, grow: bool = False) -> int:
@@ -133,7 +166,7 @@ def adopt_cache(cache, target, max_cache_len: int, grow: bool = False) -> int:
             "StaticCache (the one a previous generate() returned, or StaticCache(config=model.config, max_cache_len=N))."
         )
     layers = int(text_config(target).num_hidden_layers)
-    odd = _odd_layers(cache)
+    odd = _odd_layers(cache, text_config(target))
     if odd or len(cache.layers) not in (0, layers):
         what = f"has {', '.join(odd)} layers" if odd else f"has {len(cache.layers)} layers for a {layers}-layer target"
         raise ValueError(
@@ -143,7 +176,7 @@ def adopt_cache(cache, target, max_cache_len: int, grow: bool = False) -> int:
         )
     held = int(cache.get_seq_length())
     if isinstance(cache, StaticCache):
-        have = min(int(layer.max_cache_len) for layer in cache.layers)
+        have = min(int(layer.max_cache_len) for layer in kv_layers(cache))
         if have < max_cache_len:
             if not grow:
                 raise ValueError(
@@ -151,7 +184,7 @@ def adopt_cache(cache, target, max_cache_len: int, grow: bool = False) -> int:
                     "slots (input_ids + new tokens + 1 + the tree's nodes). Allocate StaticCache(config=model.config, "
                     f"max_cache_len={max_cache_len}) or larger (one for the whole conversation), or lower max_new_tokens."
                 )
-            for layer in cache.layers:
+            for layer in kv_layers(cache):
                 _grow_static(layer, max_cache_len)
     return held
 
@@ -171,7 +204,7 @@ def _grow_static(layer: StaticLayer, max_cache_len: int) -> None:
 def mask_width(cache, past_len: int, num_new: int) -> int:
     """Key length attention sees for a forward of `num_new` tokens on top of `past_len`."""
     if isinstance(cache, StaticCache):
-        return cache.layers[0].max_cache_len
+        return kv_layers(cache)[0].max_cache_len
     return past_len + num_new
 
 
@@ -321,6 +354,9 @@ def tree_attention_masks_rows(config, visibility: torch.Tensor, depths: torch.Te
     windows = attention_windows(text_config(config))
     masks = {kind: mask if w is None else sliding_window_mask_rows(mask, depths, rows, w)
              for kind, w in windows.items()}
+    config = text_config(config)
+    if LINEAR_ATTENTION in (getattr(config, "layer_types", None) or ()):
+        return {**masks, LINEAR_ATTENTION: None}  # Gated DeltaNet layers take no mask (their tree forward: compat)
     if len(set(windows.values())) == 1:
         return next(iter(masks.values()))
     return masks
@@ -379,7 +415,7 @@ def set_lengths(cache, rows: CacheRows, counts: list[int]) -> CacheRows:
     """After `move_paths` (or `compact_rows`' moves): row b now holds `counts[b]` more slots; the cache's
     length becomes the longest row's. Returns the new layout."""
     new = CacheRows(list(rows.start), [n + int(c) for n, c in zip(rows.length, counts)])
-    for layer in cache.layers:
+    for layer in kv_layers(cache):
         _set_length(layer, new.write_at, "compact")
     return new
 
@@ -388,7 +424,7 @@ def _move(cache, index: torch.Tensor) -> None:
     """index: (3, M) long rows (batch row, source slot, destination slot), moved to each layer's
     device once per device (not per layer)."""
     on: dict[torch.device, torch.Tensor] = {}
-    for layer in cache.layers:
+    for layer in kv_layers(cache):
         dev = layer.keys.device
         if dev not in on:
             on[dev] = index.to(dev)
@@ -412,6 +448,11 @@ def select_rows(cache, rows: list[int], layout: CacheRows) -> CacheRows:
     on: dict[torch.device, torch.Tensor] = {}
     end = new.write_at
     for layer in cache.layers:
+        if isinstance(layer, LinearAttentionLayer):
+            for states in (layer.conv_states, layer.recurrent_states):
+                if states.get(0) is not None:
+                    states[0] = states[0][idx.to(states[0].device)]
+            continue
         if getattr(layer, "keys", None) is None or layer.keys.numel() == 0:
             continue
         dev = layer.keys.device
@@ -423,3 +464,20 @@ def select_rows(cache, rows: list[int], layout: CacheRows) -> CacheRows:
             layer.batch_size = len(rows)
         _set_length(layer, end, "select rows of")
     return new
+
+
+def commit_linear_states(cache, tree_states: "la.TreeStates", paths: torch.Tensor, last: torch.Tensor) -> None:
+    """After a tree verify on a hybrid target: every linear-attention layer's conv and recurrent state
+    becomes that of row b's path node at depth last[b] (the last token the cache keeps), computed from
+    the verify's record (`linear_attention.path_state` / `path_conv_state`) and copied into the cache's
+    own buffers (their addresses kept). paths: (B, P) long (`Verified.paths`); last: (B,) long on the
+    device. No host read."""
+    leaf = paths.gather(1, last[:, None])[:, 0]  # (B,)
+    vis = tree_states.visibility  # (B, N, N)
+    on_path = vis.gather(1, leaf[:, None, None].expand(-1, 1, vis.shape[-1]))[:, 0]  # (B, N): the leaf and its ancestors
+    for idx, rec in tree_states.layers.items():
+        conv_state, state = linear_states(cache, idx)
+        new_state = la.path_state(state, rec, on_path, leaf)
+        new_conv = la.path_conv_state(conv_state, rec.x, paths, last)
+        state.copy_(new_state.to(state.dtype))
+        conv_state.copy_(new_conv)

@@ -20,6 +20,7 @@ import dataclasses
 import functools
 import inspect
 
+import torch
 import transformers
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
@@ -197,3 +198,135 @@ def compiled_module_call(module, compile_config, dynamic: bool | None = None):
     if tag not in memo:
         memo[tag] = torch.compile(module.__call__, **options)
     return memo[tag]
+
+
+# ------------------------------------------------------------------------------------------------
+# Linear-attention (Gated DeltaNet) layers of hybrid targets: Qwen3-Next, Qwen3.5 / 3.6 (dense, MoE)
+# ------------------------------------------------------------------------------------------------
+# Both ends keep a Gated DeltaNet layer's states in the cache's `LinearAttentionLayer`
+# (`conv_states[0]` (B, C, K): the last K pre-conv inputs; `recurrent_states[0]` (B, Hv, Dk, Dv)), and
+# the layer's module (`<Family>GatedDeltaNet`, the decoder layer's `linear_attn`, `layer_idx` set) takes
+# its cache as `cache=` (5.24) or `cache_params=` (5.17) and its mask as `attention_mask=` (None for a
+# tree: the model forwards `attention_mask["linear_attention"]`). Two projection layouts exist:
+# Qwen3-Next's fused `in_proj_qkvz` / `in_proj_ba` (split by the module's own
+# `fix_query_key_value_ordering`) and Qwen3.5's `in_proj_qkv` / `in_proj_z` / `in_proj_b` / `in_proj_a`.
+# During a tree verify the modules run `_gdn_tree_forward` instead of their own forward (the same
+# parameters, the tree's conv windows and recurrence: `linear_attention.py`); tests/test_hybrid.py
+# checks it against the module's own forward on a chain at both ends.
+LINEAR_ATTENTION = "linear_attention"
+
+
+def _gdn_layout(module) -> str | None:
+    if all(hasattr(module, n) for n in ("in_proj_qkvz", "in_proj_ba", "fix_query_key_value_ordering")):
+        return "qwen3_next"
+    if all(hasattr(module, n) for n in ("in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a")):
+        return "qwen3_5"
+    return None
+
+
+def linear_attention_modules(model) -> list:
+    """The target's Gated DeltaNet modules, in layer order (empty for a target without linear attention;
+    memoised on the model). Raises ValueError for a linear-attention layer whose module hf_ddtree does not know."""
+    memo = model.__dict__.get("_hf_ddtree_gdn")
+    if memo is None:
+        memo = model.__dict__["_hf_ddtree_gdn"] = _find_linear_attention(model)
+    return memo
+
+
+def _find_linear_attention(model) -> list:
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    types = list(getattr(config, "layer_types", None) or ())
+    if LINEAR_ATTENTION not in types:
+        return []
+    found = {}
+    for module in model.modules():
+        idx = getattr(module, "layer_idx", None)
+        if isinstance(idx, int) and idx < len(types) and types[idx] == LINEAR_ATTENTION and hasattr(module, "conv1d"):
+            found[idx] = module
+    want = [i for i, t in enumerate(types) if t == LINEAR_ATTENTION]
+    bad = sorted({type(m).__name__ for m in found.values() if _gdn_layout(m) is None})
+    if bad or sorted(found) != want:
+        raise ValueError(
+            f"this target's linear_attention layers ({'modules ' + ', '.join(bad) if bad else f'{len(found)} of {len(want)} found'}) "
+            "are not Gated DeltaNet layers hf_ddtree knows (Qwen3-Next's or Qwen3.5's); only those can be verified as a tree."
+        )
+    return [found[i] for i in want]
+
+
+def linear_states(cache, layer_idx: int):
+    """(conv state (B, C, K), recurrent state (B, H, Dk, Dv)) of a linear-attention layer of `cache`."""
+    layer = cache.layers[layer_idx]
+    return layer.conv_states[0], layer.recurrent_states[0]
+
+
+def _gdn_inputs(m, h):
+    """A Gated DeltaNet module's input projections of hidden states h (B, N, hidden):
+    pre-conv qkv (B, C, N), z (B, N, Hv, Dv), b and a (B, N, Hv)."""
+    B, N, _ = h.shape
+    if _gdn_layout(m) == "qwen3_next":
+        q, k, v, z, b, a = m.fix_query_key_value_ordering(m.in_proj_qkvz(h), m.in_proj_ba(h))
+        mixed = torch.cat([x.reshape(B, N, -1) for x in (q, k, v)], dim=-1)
+    else:
+        mixed = m.in_proj_qkv(h)
+        z = m.in_proj_z(h).reshape(B, N, -1, m.head_v_dim)
+        b, a = m.in_proj_b(h), m.in_proj_a(h)
+    return mixed.transpose(1, 2), z, b, a
+
+
+def _gdn_tree_forward(m, ctx, hidden_states, cache=None, cache_params=None, attention_mask=None, **kwargs):
+    """The tree forward of Gated DeltaNet module `m` (what `tree_linear_attention` installs): each node's
+    conv window and recurrence along its own path, the cache's states read, not written (the loop
+    commits the accepted path's: `cache.commit_linear_states`). Records the layer in `ctx.layers`."""
+    import torch.nn.functional as F
+    from transformers.activations import ACT2FN
+
+    from . import linear_attention as la
+
+    cache = cache if cache is not None else cache_params
+    h = hidden_states  # (B, N, hidden)
+    B, N, _ = h.shape
+    conv_state, state = linear_states(cache, m.layer_idx)
+    mixed, z, b, a = _gdn_inputs(m, h)  # (B, C, N), ...
+    conv = la.tree_causal_conv(mixed, conv_state, ctx.ancestors, ctx.depths, m.conv1d.weight.squeeze(1),
+                               m.conv1d.bias, ACT2FN[m.activation])
+    q, k, v = torch.split(conv.transpose(1, 2), [m.key_dim, m.key_dim, m.value_dim], dim=-1)
+    q = q.reshape(B, N, -1, m.head_k_dim)
+    k = k.reshape(B, N, -1, m.head_k_dim)
+    v = v.reshape(B, N, -1, m.head_v_dim)
+    beta = b.sigmoid()
+    g = -m.A_log.float().exp() * F.softplus(a.float() + m.dt_bias)  # (B, N, Hv)
+    rep = m.num_v_heads // m.num_k_heads
+    if rep > 1:
+        q, k = q.repeat_interleave(rep, dim=2), k.repeat_interleave(rep, dim=2)
+    q = la.l2norm(q.float()) / (m.head_k_dim ** 0.5)
+    k = la.l2norm(k.float())
+    o, (kk, u, gsum) = la.tree_gated_delta_rule(q, k, v, g, beta, state, ctx.visibility)
+    ctx.layers[m.layer_idx] = la.TreeRecurrence(kk, u, gsum, mixed)
+    core = m.norm(o.to(h.dtype).reshape(-1, m.head_v_dim), z.reshape(-1, m.head_v_dim))
+    return m.out_proj(core.reshape(B, N, -1))
+
+
+class tree_linear_attention:
+    """`with tree_linear_attention(modules, ctx):` the target's Gated DeltaNet modules run their tree
+    forward (`_gdn_tree_forward`, recording into ctx: a `linear_attention.TreeStates`) inside the block,
+    their own forward again after it (nothing happens for an empty list)."""
+
+    def __init__(self, modules, ctx):
+        self.modules, self.ctx, self.saved = modules, ctx, []
+
+    def __enter__(self):
+        import functools
+
+        for m in self.modules:
+            self.saved.append(m.__dict__.get("forward"))
+            m.forward = functools.partial(_gdn_tree_forward, m, self.ctx)
+        return self.ctx
+
+    def __exit__(self, *exc):
+        for m, old in zip(self.modules, self.saved):
+            if old is None:
+                del m.forward
+            else:
+                m.forward = old
+        self.saved = []
+        return False

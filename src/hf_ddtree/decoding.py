@@ -23,7 +23,8 @@ from transformers.generation.stopping_criteria import (EosTokenCriteria, MaxLeng
                                                        StoppingCriteriaList)
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
-from .cache import CacheRows, adopt_cache, compact, make_cache, mask_width, move_paths, select_rows, set_lengths
+from .cache import (CacheRows, adopt_cache, commit_linear_states, compact, make_cache, mask_width, move_paths,
+                    select_rows, set_lengths)
 from .compat import (CACHE_FIELD, cache_from_kwargs, cache_kwargs, compile_config_of, compile_requested, compiled_call,
                      gather_features, hidden_states_request)
 from .distributed import check_tensor_parallel, leader_accept, leader_tree, leader_token
@@ -423,6 +424,7 @@ def speculative_decoding(
         else:  # the drafter did not see last round's context: keep it in front
             context, context_lengths = _left_align([torch.cat([context[i, :context_lengths[i]], new_context[i, :c + 1]])
                                                     for i, c in enumerate(counts)])
+        kept = []
         for i, b in enumerate(active):
             path = v.paths[i]
             n = rows.commit(b, committed[i][1], lambda j, i=i, path=path: v.scores[i, path[j]],
@@ -430,6 +432,9 @@ def speculative_decoding(
             rows.acceptance[b].append(n)  # committed only: a stop (EOS) mid-path drops the rest
             stats.acceptance_lengths.append(n)
             stats.tree_sizes.append(trees[i].num_nodes)
+            kept.append(max(n - 1, 0))  # the depth of the last path node the cache keeps (the committed tokens but the last)
+        if v.linear_states is not None:  # hybrid target: linear-attention states become the kept path's
+            commit_linear_states(cache, v.linear_states, v.paths, torch.tensor(kept).to(device))
         rows.flush()
         clock.lap("commit_s")
 

@@ -26,7 +26,8 @@ from transformers.generation.logits_process import (
 )
 
 from .cache import CacheRows, mask_width, tree_attention_masks_rows
-from .compat import cache_kwargs, gather_features, hidden_states_request
+from .compat import cache_kwargs, gather_features, hidden_states_request, linear_attention_modules, tree_linear_attention
+from .linear_attention import TreeStates
 from .tree import Tree, ancestor_matrix, ancestors_by_depth
 
 # processors whose output depends only on the scores row, not on the token prefix
@@ -55,6 +56,8 @@ class Verified:
     next_tokens (B,) long: the target's own token after each row's last accepted node (the bonus token)
     packed    (B, P + 1) long: [count, path tokens at depths 1..P-1, next token]: the one tensor the
               host reads per round (`unpack` turns the read into per-row token lists)
+    linear_states  hybrid targets: what the linear-attention layers recorded (`cache.commit_linear_states`
+              turns it into the state after the kept path), else None
     """
 
     raw: torch.Tensor
@@ -64,6 +67,7 @@ class Verified:
     counts: torch.Tensor
     next_tokens: torch.Tensor
     packed: torch.Tensor
+    linear_states: TreeStates | None = None
 
 
 def unpack(packed_rows: list[list[int]]) -> list[tuple[int, list[int]]]:
@@ -95,12 +99,16 @@ def run_trees(target, trees: list[Tree], cache, rows: CacheRows, hidden_indices:
     tokens = torch.stack([t.tokens for t in trees]).to(device)  # (B, N)
     depths = torch.stack([t.depths for t in trees]).to(device)  # (B, N)
     visibility = torch.stack([t.visibility(device) for t in trees])  # (B, N, N)
-    return _forward_trees(target, trees, tokens, depths, visibility, cache, rows, hidden_indices, mask_out, forward)
+    logits, features, _ = _forward_trees(target, trees, tokens, depths, visibility, cache, rows, hidden_indices,
+                                         mask_out, forward)
+    return logits, features
 
 
 def _forward_trees(target, trees: list[Tree], tokens: torch.Tensor, depths: torch.Tensor, visibility: torch.Tensor,
                    cache, rows: CacheRows, hidden_indices, mask_out, forward):
-    """`run_trees` on the trees' stacked tensors (B, N) / (B, N, N), already on the target's device."""
+    """`run_trees` on the trees' stacked tensors (B, N) / (B, N, N), already on the target's device.
+    Returns logits, features and, for a hybrid target, the linear-attention layers' record
+    (`linear_attention.TreeStates`, for `cache.commit_linear_states`; None otherwise)."""
     device = tokens.device
     n = trees[0].size
     if any(t.size != n for t in trees):
@@ -109,18 +117,24 @@ def _forward_trees(target, trees: list[Tree], tokens: torch.Tensor, depths: torc
     num_real = [t.size - t.pad for t in trees]
     mask = tree_attention_masks_rows(target.config, visibility, depths, rows, mask_width(cache, rows.write_at, n),
                                      target.dtype, device, num_real=num_real, out=mask_out)
-    out = (forward or target)(
-        input_ids=tokens,
-        position_ids=position_ids,
-        attention_mask=mask,  # (B, 1, N, kv_len), or {layer type: mask} for hybrid targets
-        **cache_kwargs(target, cache),
-        use_cache=True,
-        output_hidden_states=hidden_states_request(hidden_indices),
-    )
+    gdn = linear_attention_modules(target)
+    states = None
+    if gdn:  # Gated DeltaNet layers: each node's conv window and recurrence along its own path
+        states = TreeStates(visibility, ancestors_by_depth(visibility, depths, max(t.max_depth for t in trees)),
+                            depths, {})
+    with tree_linear_attention(gdn, states):
+        out = (forward or target)(
+            input_ids=tokens,
+            position_ids=position_ids,
+            attention_mask=mask,  # (B, 1, N, kv_len), or {layer type: mask} for hybrid targets
+            **cache_kwargs(target, cache),
+            use_cache=True,
+            output_hidden_states=hidden_states_request(hidden_indices),
+        )
     features = None
     if hidden_indices:
         features = gather_features(out, hidden_indices)  # (B, N, F)
-    return out.logits, features  # (B, N, V)
+    return out.logits, features, states  # (B, N, V)
 
 
 def verify_tree(target, tree: Tree, cache, past_len: int, hidden_indices: list[int] | None, logits_processor,
@@ -151,15 +165,15 @@ def verify_trees(target, trees: list[Tree], cache, rows: CacheRows, hidden_indic
     depths = torch.stack([t.depths for t in trees]).to(device)
     max_depth = max(t.max_depth for t in trees)
     visibility = torch.stack([ancestor_matrix(parents[b], max_depth) for b in range(len(trees))])  # (B, N, N)
-    raw, features = _forward_trees(target, trees, tokens, depths, visibility, cache, rows, hidden_indices,
-                                   mask_out, forward)
+    raw, features, states = _forward_trees(target, trees, tokens, depths, visibility, cache, rows, hidden_indices,
+                                           mask_out, forward)
     scores = torch.stack([
         process_scores(logits_processor[b] if isinstance(logits_processor, tuple) else logits_processor,
                        prefixes[b], tree, raw[b], visibility[b], depths[b])
         for b, tree in enumerate(trees)])  # (B, N, V)
     paths, counts, nxt, packed = (accept or accept_on_device)(trees, tokens, parents, visibility, depths, scores,
                                                               do_sample, max_depth)
-    return Verified(raw, scores, features, paths, counts, nxt, packed)
+    return Verified(raw, scores, features, paths, counts, nxt, packed, states)
 
 
 def accept_on_device(trees, tokens, parents, visibility, depths, scores, do_sample, max_depth):
