@@ -37,7 +37,7 @@ from transformers import (
 
 import hf_ddtree
 from hf_ddtree import linear_attention as la
-from hf_ddtree.cache import CacheRows, commit_linear_states, compact, make_cache
+from hf_ddtree.cache import commit_linear_states, compact, make_cache
 from hf_ddtree.compat import CACHE_FIELD, cache_kwargs, linear_attention_modules, linear_states
 from hf_ddtree.tree import ancestor_matrix, ancestors_by_depth, build_tree
 from hf_ddtree.verify import verify_tree
@@ -344,6 +344,18 @@ def test_unknown_linear_attention_and_other_recurrent_kinds_are_refused():
         model.config.layer_types = [kind, "full_attention", "full_attention"]  # (config validation may refuse it earlier)
         with pytest.raises(ValueError, match=rf"this target has '{kind}' layers"):
             make_cache(model, "static", 32)
+
+
+def test_a_tensor_parallel_hybrid_is_refused():
+    from hf_ddtree.distributed import _local_problem
+
+    target = target_of("qwen3_5")
+    problem = _local_problem(target, target.generation_config, [build_drafter(target, target_layer_ids=[0, 2])])
+    assert problem is not None and "tensor-parallel hybrid" in problem
+    from conftest import build_target
+
+    dense = build_target()
+    assert _local_problem(dense, dense.generation_config, [build_drafter(dense)]) is None
 
 
 def test_a_zlab_format_drafter_config_for_a_hybrid_target():

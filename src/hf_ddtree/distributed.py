@@ -43,7 +43,7 @@ import torch
 
 from . import calibrate as _cal
 from .budget import CaDDTreePolicy, LatencyModel
-from .compat import tensor_parallel_process_group, tensor_parallel_size, tp_style_shards_output
+from .compat import linear_attention_modules, tensor_parallel_process_group, tensor_parallel_size, tp_style_shards_output
 from .tree import Tree, _make_tree
 
 
@@ -159,6 +159,10 @@ def _local_problem(target, generation_config, drafters) -> str | None:
         return (f"The target's tp_plan shards its output head {name!r} with style {style!r}, which {what}: every rank "
                 "needs the full logits to verify the tree. Use a plan whose lm_head gathers its output, e.g. "
                 f"tp_plan={{..., {name!r}: 'colwise_gather_output'}} (tp_plan='auto' does this).")
+    if linear_attention_modules(target):
+        return ("hf_ddtree does not verify trees on a tensor-parallel hybrid (linear-attention) target yet: its tree "
+                "forward of a Gated DeltaNet layer needs the layer's heads whole. Load the target without tp_plan "
+                "(device_map='auto' splits it by layers instead).")
     device = next(target.parameters()).device
     for d in drafters:
         ddev = next(d.parameters()).device
