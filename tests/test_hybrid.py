@@ -370,3 +370,21 @@ def test_a_zlab_format_drafter_config_for_a_hybrid_target():
                               target_layer_ids=[1, 4])
     with pytest.raises(ValueError, match=r"target layers \[1, 4\] but the target has 4 layers"):
         validate_pair(target, DFlashDraftModel(cfg).float().eval())
+
+
+def test_hybrid_layer_benchmark_rehearsal(capsys):
+    """benchmarks/hybrid_layer.py at tiny shapes: every row is timed and the memory per node is the record's."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "hybrid_layer", Path(__file__).resolve().parents[1] / "benchmarks" / "hybrid_layer.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    bench.main(["--hidden", "64", "--key-heads", "2", "--value-heads", "4", "--head-dim", "16", "--nodes", "8",
+                "--prompt", "9", "--dtype", "fp32", "--reps", "1", "--linear-layers", "3"])
+    out = capsys.readouterr().out
+    for row in ("decode (1 token)", "own forward, 8 tokens", "tree forward, 8 nodes", "commit after 8 nodes"):
+        assert f"| {row}" in out
+    record = (2 * 2 * 16 + 4 * 16) * 4 + 4 * (2 * 16 + 1) * 4  # x, then k, u, G (fp32)
+    assert f"{record / 1024:.0f} KiB (record" in out and f"{4 * 16 * 16 * 4 / 1024:.0f} KiB for the node's own state" in out
