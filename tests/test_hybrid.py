@@ -260,6 +260,12 @@ def test_user_caches_and_multi_turn(family):
                            **{CACHE_FIELD: getattr(mine, CACHE_FIELD)})
     b = stock(target, turn2, max_new_tokens=16, **{CACHE_FIELD: getattr(theirs, CACHE_FIELD)})
     assert torch.equal(a, b)
+    # a stock cache (LinearAttentionLayer + DynamicLayer, no drafter context) continued by hf_ddtree
+    again = stock(target, ids, max_new_tokens=24, return_dict_in_generate=True)
+    random = build_drafter(target, target_layer_ids=[0, 2])  # (the oracle checks a drafter cache from position 0)
+    c = hf_ddtree.generate(target, turn2, random, tree_budget=16, max_new_tokens=16, do_sample=False,
+                           **{CACHE_FIELD: getattr(again, CACHE_FIELD)})
+    assert torch.equal(c, b)
 
 
 @pytest.mark.parametrize("family", ["qwen3_next", "qwen3_5"])
