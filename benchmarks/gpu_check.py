@@ -14,6 +14,7 @@ setting. Also greedy identity with AR for every run (random weights: a check of 
 
     python benchmarks/gpu_check.py --out gpu_check                         # on the GPU machine (< 5 min)
     python benchmarks/gpu_check.py --shape tiny --device cpu --modes eager --out /tmp/gc   # the CPU rehearsal
+    python benchmarks/gpu_check.py --shape hybrid --budgets 16,64 --out gpu_check_hybrid   # a Qwen3.5-27B-shaped hybrid
 
 Writes gpu_check.json and gpu_check.md (a markdown table) into --out.
 """
@@ -37,6 +38,20 @@ SHAPES = {
     "tiny": dict(target=dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
                              num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=2048),
                  drafter_layers=1, block_size=8, target_layer_ids=[1, 2], prompt=32),
+    # a hybrid (issue 22): Qwen3.5-27B's shape as we take it (64 layers, every 4th full attention, Gated DeltaNet
+    # with 16 key / 48 value heads of 128, conv kernel 4), a 5-layer block-16 drafter over 5 spread layers
+    "hybrid": dict(family="qwen3_5", target=dict(vocab_size=248320, hidden_size=5120, intermediate_size=17408,
+                                                 num_hidden_layers=64, num_attention_heads=24, num_key_value_heads=4,
+                                                 head_dim=256, linear_num_key_heads=16, linear_num_value_heads=48,
+                                                 linear_key_head_dim=128, linear_value_head_dim=128,
+                                                 linear_conv_kernel_dim=4, max_position_embeddings=40960),
+                   drafter_layers=5, block_size=16, target_layer_ids=[1, 16, 31, 46, 61], prompt=512),
+    "hybrid-tiny": dict(family="qwen3_5", target=dict(vocab_size=256, hidden_size=64, intermediate_size=128,
+                                                      num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                                                      head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4,
+                                                      linear_key_head_dim=16, linear_value_head_dim=16,
+                                                      linear_conv_kernel_dim=4, max_position_embeddings=2048),
+                        drafter_layers=1, block_size=8, target_layer_ids=[1, 2], prompt=32),
 }
 
 
@@ -71,16 +86,20 @@ class OracleDrafter(nn.Module):
 
 
 def build(shape: str, device: torch.device, dtype: torch.dtype, seed: int = 0):
-    from transformers import Qwen3Config, Qwen3ForCausalLM
+    from transformers import Qwen3_5ForCausalLM, Qwen3_5TextConfig, Qwen3Config, Qwen3ForCausalLM
 
     from hf_ddtree import DFlashDraftModel, make_drafter_config
 
     spec = SHAPES[shape]
     torch.manual_seed(seed)
-    cfg = Qwen3Config(**spec["target"], tie_word_embeddings=False, rope_parameters={"rope_type": "default",
-                                                                                   "rope_theta": 1000000.0})
+    config_cls, model_cls = ((Qwen3_5TextConfig, Qwen3_5ForCausalLM) if spec.get("family") == "qwen3_5"
+                             else (Qwen3Config, Qwen3ForCausalLM))
+    cfg = config_cls(**spec["target"], tie_word_embeddings=False)
+    if spec.get("family") != "qwen3_5":
+        cfg = config_cls(**spec["target"], tie_word_embeddings=False,
+                         rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})
     with torch.device(device):
-        target = Qwen3ForCausalLM._from_config(cfg, attn_implementation="sdpa", dtype=dtype).eval()
+        target = model_cls._from_config(cfg, attn_implementation="sdpa", dtype=dtype).eval()
         dcfg = make_drafter_config(cfg, num_hidden_layers=spec["drafter_layers"], block_size=spec["block_size"],
                                    mask_token_id=cfg.vocab_size - 1, target_layer_ids=spec["target_layer_ids"])
         drafter = DFlashDraftModel(dcfg).to(dtype).eval()
