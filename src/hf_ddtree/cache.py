@@ -370,7 +370,14 @@ def compact(cache, past_len: int, keep: torch.Tensor) -> None:
 
 
 def _set_length(layer, end: int, what: str) -> None:
-    """Make `end` the layer's length: the static write pointer, or the dynamic layer cut there."""
+    """Make `end` the layer's length: the static write pointer, or the dynamic layer cut there; a linear-attention
+    layer's token count where it keeps one (transformers >= 5.25: `cumulative_length_linear`, what
+    `get_seq_length` reads; its states are `commit_linear_states`' job)."""
+    if isinstance(layer, LinearAttentionLayer):
+        count = getattr(layer, "cumulative_length_linear", None)
+        if isinstance(count, torch.Tensor):
+            count.fill_(end)
+        return
     if isinstance(layer, StaticLayer):
         layer.cumulative_length.fill_(end)
     elif isinstance(layer, DynamicLayer):
@@ -415,7 +422,7 @@ def set_lengths(cache, rows: CacheRows, counts: list[int]) -> CacheRows:
     """After `move_paths` (or `compact_rows`' moves): row b now holds `counts[b]` more slots; the cache's
     length becomes the longest row's. Returns the new layout."""
     new = CacheRows(list(rows.start), [n + int(c) for n, c in zip(rows.length, counts)])
-    for layer in kv_layers(cache):
+    for layer in cache.layers:
         _set_length(layer, new.write_at, "compact")
     return new
 
@@ -452,6 +459,7 @@ def select_rows(cache, rows: list[int], layout: CacheRows) -> CacheRows:
             for states in (layer.conv_states, layer.recurrent_states):
                 if states.get(0) is not None:
                     states[0] = states[0][idx.to(states[0].device)]
+            _set_length(layer, end, "select rows of")
             continue
         if getattr(layer, "keys", None) is None or layer.keys.numel() == 0:
             continue

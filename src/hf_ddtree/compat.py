@@ -10,6 +10,10 @@ Supported: transformers 5.17 (the oldest release CI tests) through the newest re
   * The same rename in generate()'s model_kwargs (what a `custom_generate` callable receives) and
     in the output dataclasses' field: `cache_from_kwargs` and `CACHE_FIELD`.
 
+  * Linear-attention cache layers (`LinearAttentionLayer`) count their tokens from 5.25
+    (`cumulative_length_linear`, which `Cache.get_seq_length()` reads when layer 0 is one) and can record
+    state history for rollback; `cache._set_length` keeps the count, hf_ddtree never needs the history.
+
 Everything else that reads or calls transformers internals (cache layers, masks, generate()) goes
 through the public names of both ends; when one moves, it gets a line here.
 """
