@@ -329,3 +329,20 @@ def test_drafter_in_stock_generate_after_disable(target):
     out = target.generate(PROMPT, assistant_model=drafter, speculation_type="dflash", do_sample=False,
                           max_new_tokens=NEW)
     assert torch.equal(out, stock(target, max_new_tokens=NEW))
+
+
+def test_default_cache_is_stocks_kind(target):
+    """Without a cache or cache_implementation the loop makes what stock makes (a DynamicCache); "static" a StaticCache."""
+    from transformers import GenerationMixin
+    from transformers.cache_utils import DynamicCache, StaticCache
+
+    drafter = build_drafter(target, seed=5)
+    ids = PROMPT
+    ours = target.generate(ids, assistant_model=drafter, tree_budget=4, max_new_tokens=6, do_sample=False,
+                           return_dict_in_generate=True)
+    stock = GenerationMixin.generate(target, ids, max_new_tokens=6, do_sample=False, return_dict_in_generate=True)
+    assert type(getattr(ours, CACHE_FIELD)) is type(getattr(stock, CACHE_FIELD)) is DynamicCache
+    static = target.generate(ids, assistant_model=drafter, tree_budget=4, max_new_tokens=6, do_sample=False,
+                             return_dict_in_generate=True, cache_implementation="static")
+    assert isinstance(getattr(static, CACHE_FIELD), StaticCache)
+    assert torch.equal(ours.sequences, stock.sequences) and torch.equal(static.sequences, stock.sequences)

@@ -163,7 +163,7 @@ def test_returned_static_cache_grows_for_the_next_turn(pair):
     """The StaticCache hf_ddtree made itself (sized for turn 1) is enlarged in place when turn 2 needs more."""
     target, drafter = pair[:2]
     out = target.generate(TURNS[0], assistant_model=drafter, tree_budget=8, max_new_tokens=4, do_sample=False,
-                          return_dict_in_generate=True)
+                          return_dict_in_generate=True, cache_implementation="static")
     cache = cache_of(out)
     assert isinstance(cache, StaticCache)
     small = cache.layers[0].max_cache_len

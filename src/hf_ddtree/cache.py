@@ -29,6 +29,16 @@ from . import linear_attention as la
 from .compat import LINEAR_ATTENTION, linear_attention_modules, linear_states
 
 CACHE_KINDS = ("static", "dynamic")
+# the cache the loop makes (and CaDDTree calibrates on) when generate() gets no cache and no cache_implementation:
+# stock's own default kind, a DynamicCache (on this CPU a bf16 round costs less on it than on a StaticCache:
+# docs/benchmarks.md). cache_implementation="static" still gives a StaticCache, and generate()'s compile convention.
+DEFAULT_CACHE_KIND = "dynamic"
+
+
+def loop_cache_kind(cache_implementation: str | None, compiled: bool = False) -> str:
+    """The cache kind a loop call uses: the one asked for, else "static" when it compiles (generate()'s compile
+    convention only compiles with a static cache), else `DEFAULT_CACHE_KIND`."""
+    return cache_implementation or ("static" if compiled else DEFAULT_CACHE_KIND)
 FULL_ATTENTION = "full_attention"
 SLIDING_ATTENTION = "sliding_attention"
 KV_LAYERS = (StaticLayer, DynamicLayer)  # the layers holding keys and values (compaction moves them)

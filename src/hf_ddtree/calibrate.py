@@ -109,11 +109,12 @@ def _param_device_dtype(model) -> tuple[torch.device, torch.dtype]:
 
 
 def calibration_key(target, drafter, max_nodes: int, past_len: int = DEFAULT_PAST_LEN,
-                    cache_implementation: str = "static", method: str = "auto", drafter2=None,
+                    cache_implementation: str | None = None, method: str = "auto", drafter2=None,
                     compile_config=None) -> dict:
     """What a cached calibration is valid for (its JSON file is named by this dict's hash).
     compile_config: the CompileConfig the loop compiles its forwards with (None: eager), see `compile_tag`."""
     device, dtype = _param_device_dtype(target)
+    cache_implementation = _cache.loop_cache_kind(cache_implementation, compile_config is not None)
     key = {
         "format": CALIBRATION_FORMAT,
         "hf_ddtree": _code_version(),
@@ -199,7 +200,7 @@ def _sync(device: torch.device) -> None:
 @torch.no_grad()
 def measure_latency(target, drafter, max_nodes: int, *, ns: Sequence[int] | None = None,
                     past_len: int = DEFAULT_PAST_LEN, reps: int = 5, warmup: int = 1,
-                    cache_implementation: str = "static", progress: bool | None = None,
+                    cache_implementation: str | None = None, progress: bool | None = None,
                     method: str = "auto", drafter2=None, compile_config=None) -> dict:
     """Time the loop's verify (`verify.verify_tree` + `cache.compact`) at sizes `ns` and its draft
     (`proposer.draft` + `proposer.build` of `make_proposer(..., method, max_nodes)`).
@@ -214,6 +215,7 @@ def measure_latency(target, drafter, max_nodes: int, *, ns: Sequence[int] | None
     ns = sorted({int(n) for n in (default_sizes(max_nodes) if ns is None else ns) if 0 <= int(n) <= max_nodes})
     if not ns:
         raise ValueError(f"no calibration sizes within [0, {max_nodes}].")
+    cache_implementation = _cache.loop_cache_kind(cache_implementation, compile_config is not None)
     if compile_config is not None and cache_implementation != "static":
         raise ValueError(f"compile_config needs cache_implementation='static' (the loop compiles only with a static "
                          f"cache), got {cache_implementation!r}.")
@@ -317,7 +319,7 @@ _MEMO: dict[str, LatencyModel] = {}
 
 def calibrate(target, drafter=None, max_nodes: int = _propose.DEFAULT_MAX_TREE_BUDGET, *,
               past_len: int = DEFAULT_PAST_LEN, ns: Sequence[int] | None = None, reps: int = 5, warmup: int = 1,
-              cache_implementation: str = "static", use_cache: bool = True, progress: bool | None = None,
+              cache_implementation: str | None = None, use_cache: bool = True, progress: bool | None = None,
               method: str = "auto", drafter2=None, compile_config=None) -> LatencyModel:
     """The LatencyModel of (target, drafter[, drafter2]) on this machine: from memory, the disk cache,
     or timing (`measure_latency`). compile_config: the loop's compiled forwards (None: eager).

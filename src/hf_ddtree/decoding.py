@@ -23,8 +23,8 @@ from transformers.generation.stopping_criteria import (EosTokenCriteria, MaxLeng
                                                        StoppingCriteriaList)
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
-from .cache import (CacheRows, adopt_cache, commit_linear_states, compact, make_cache, mask_width, move_paths,
-                    select_rows, set_lengths)
+from .cache import (CacheRows, adopt_cache, commit_linear_states, compact, loop_cache_kind, make_cache, mask_width,
+                    move_paths, select_rows, set_lengths)
 from .compat import (CACHE_FIELD, cache_from_kwargs, cache_kwargs, compile_config_of, compile_requested, compiled_call,
                      gather_features, hidden_states_request)
 from .distributed import check_tensor_parallel, leader_accept, leader_tree, leader_token
@@ -159,8 +159,8 @@ def compile_forwards(model, generation_config):
     """The CompileConfig the loop compiles its verify and drafter forwards with, or None (eager).
 
     The decision is stock generate()'s (`compat.compile_requested`) for the same arguments: stock
-    decodes with a static cache only for `cache_implementation="static"` (the loop's default static
-    cache is an internal choice and does not count), on cuda/xpu/neuron/tpu or on any device when
+    decodes with a static cache only for `cache_implementation="static"` (both default to a DynamicCache),
+    on cuda/xpu/neuron/tpu or on any device when
     `compile_config._compile_all_devices` is set, and never with `disable_compile=True`.
     """
     static = getattr(generation_config, "cache_implementation", None) == "static"
@@ -299,7 +299,7 @@ def speculative_decoding(
         return finish()
 
     if cache is None:
-        cache = make_cache(model, generation_config.cache_implementation or "static", offset + max_length + 1 + max_nodes)
+        cache = make_cache(model, loop_cache_kind(generation_config.cache_implementation), offset + max_length + 1 + max_nodes)
         cache._hf_ddtree_made = True  # returned to the caller, it may grow on the next turn (`adopt_cache`)
     compile_config = compile_forwards(model, generation_config)  # None: eager
     forward = None  # the verify forward: the target itself, or its compiled call
@@ -792,8 +792,10 @@ def _ddtree_generate(self, inputs=None, generation_config=None, *args, assistant
         from .distributed import caddtree_policy  # calibrate.caddtree_policy; one decision on tensor-parallel targets
 
         # calibrated on the calls the loop will make: compiled (padded) forwards when generate()'s criteria say so
-        compile_config = compile_forwards(self, _requested_config(self, generation_config, kwargs))
-        policy = caddtree_policy(self, assistant_model, max_nodes=budget, compile_config=compile_config)
+        requested = _requested_config(self, generation_config, kwargs)
+        compile_config = compile_forwards(self, requested)
+        policy = caddtree_policy(self, assistant_model, max_nodes=budget, compile_config=compile_config,
+                                 cache_implementation=getattr(requested, "cache_implementation", None))
 
     return _run(self, inputs, generation_config, args, kwargs, drafter=assistant_model, method=method,
                 tree_budget=budget, budget_policy=policy, collect_timing=collect_timing)

@@ -268,7 +268,7 @@ _MEMO: dict[str, LatencyModel] = {}
 
 def calibrate(target, drafter=None, max_nodes: int = _cal.DEFAULT_MAX_TREE_BUDGET, *,
               past_len: int = _cal.DEFAULT_PAST_LEN, ns=None, reps: int = 5, warmup: int = 1,
-              cache_implementation: str = "static", use_cache: bool = True, progress: bool | None = None,
+              cache_implementation: str | None = None, use_cache: bool = True, progress: bool | None = None,
               method: str = "auto", drafter2=None, compile_config=None) -> LatencyModel:
     """`calibrate.calibrate` for any target. On a tensor-parallel one: the leader alone decides whether a
     cached calibration exists (its disk cache, keyed with the TP degree); if not, every rank runs the
