@@ -331,18 +331,19 @@ def test_drafter_in_stock_generate_after_disable(target):
     assert torch.equal(out, stock(target, max_new_tokens=NEW))
 
 
-def test_default_cache_is_stocks_kind(target):
-    """Without a cache or cache_implementation the loop makes what stock makes (a DynamicCache); "static" a StaticCache."""
+def test_default_cache_kind_and_the_one_asked_for(target):
+    """Without a cache or cache_implementation the loop makes a StaticCache (cache.DEFAULT_CACHE_KIND, faster for
+    tree rounds); cache_implementation="dynamic" gives a DynamicCache; the tokens are stock's either way."""
     from transformers import GenerationMixin
     from transformers.cache_utils import DynamicCache, StaticCache
 
+    from hf_ddtree.cache import DEFAULT_CACHE_KIND
+
+    assert DEFAULT_CACHE_KIND == "static"
     drafter = build_drafter(target, seed=5)
-    ids = PROMPT
-    ours = target.generate(ids, assistant_model=drafter, tree_budget=4, max_new_tokens=6, do_sample=False,
-                           return_dict_in_generate=True)
-    stock = GenerationMixin.generate(target, ids, max_new_tokens=6, do_sample=False, return_dict_in_generate=True)
-    assert type(getattr(ours, CACHE_FIELD)) is type(getattr(stock, CACHE_FIELD)) is DynamicCache
-    static = target.generate(ids, assistant_model=drafter, tree_budget=4, max_new_tokens=6, do_sample=False,
-                             return_dict_in_generate=True, cache_implementation="static")
-    assert isinstance(getattr(static, CACHE_FIELD), StaticCache)
-    assert torch.equal(ours.sequences, stock.sequences) and torch.equal(static.sequences, stock.sequences)
+    stock_out = GenerationMixin.generate(target, PROMPT, max_new_tokens=6, do_sample=False)
+    for kw, kind in (({}, StaticCache), (dict(cache_implementation="dynamic"), DynamicCache)):
+        out = target.generate(PROMPT, assistant_model=drafter, tree_budget=4, max_new_tokens=6, do_sample=False,
+                              return_dict_in_generate=True, **kw)
+        assert type(getattr(out, CACHE_FIELD)) is kind, kw
+        assert torch.equal(out.sequences, stock_out), kw

@@ -159,8 +159,8 @@ def compile_forwards(model, generation_config):
     """The CompileConfig the loop compiles its verify and drafter forwards with, or None (eager).
 
     The decision is stock generate()'s (`compat.compile_requested`) for the same arguments: stock
-    decodes with a static cache only for `cache_implementation="static"` (both default to a DynamicCache),
-    on cuda/xpu/neuron/tpu or on any device when
+    decodes with a static cache only for `cache_implementation="static"` (the loop's default static
+    cache is an internal choice and does not count), on cuda/xpu/neuron/tpu or on any device when
     `compile_config._compile_all_devices` is set, and never with `disable_compile=True`.
     """
     static = getattr(generation_config, "cache_implementation", None) == "static"
