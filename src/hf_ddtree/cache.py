@@ -159,11 +159,6 @@ def kv_layers(cache) -> list:
     return [layer for layer in cache.layers if isinstance(layer, KV_LAYERS)]
 
 
-def linear_layer_indices(cache) -> list[int]:
-    """The indices of the cache's linear-attention state layers."""
-    return [i for i, layer in enumerate(cache.layers) if isinstance(layer, LinearAttentionLayer)]
-
-
 def adopt_cache(cache, target, max_cache_len: int, grow: bool = False) -> int:
     """Check that a cache the caller passed (`generate(..., past_key_values=cache)`: a user's, or one a
     previous call returned) can hold this call's verification, and return the tokens it holds.
@@ -365,10 +360,10 @@ def tree_attention_masks_rows(config, visibility: torch.Tensor, depths: torch.Te
     full-attention mask).
     """
     mask = tree_attention_mask_rows(visibility, rows, kv_len, dtype, device, num_real=num_real, out=out)
-    windows = attention_windows(text_config(config))
+    config = text_config(config)
+    windows = attention_windows(config)
     masks = {kind: mask if w is None else sliding_window_mask_rows(mask, depths, rows, w)
              for kind, w in windows.items()}
-    config = text_config(config)
     if LINEAR_ATTENTION in (getattr(config, "layer_types", None) or ()):
         return {**masks, LINEAR_ATTENTION: None}  # Gated DeltaNet layers take no mask (their tree forward: compat)
     if len(set(windows.values())) == 1:

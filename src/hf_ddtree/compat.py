@@ -25,8 +25,12 @@ import functools
 import inspect
 
 import torch
+import torch.nn.functional as F
 import transformers
+from transformers.activations import ACT2FN
 from transformers.generation.utils import GenerateDecoderOnlyOutput
+
+from . import linear_attention as la
 
 TRANSFORMERS_VERSION = transformers.__version__
 
@@ -281,11 +285,6 @@ def _gdn_tree_forward(m, ctx, hidden_states, cache=None, cache_params=None, atte
     """The tree forward of Gated DeltaNet module `m` (what `tree_linear_attention` installs): each node's
     conv window and recurrence along its own path, the cache's states read, not written (the loop
     commits the accepted path's: `cache.commit_linear_states`). Records the layer in `ctx.layers`."""
-    import torch.nn.functional as F
-    from transformers.activations import ACT2FN
-
-    from . import linear_attention as la
-
     cache = cache if cache is not None else cache_params
     h = hidden_states  # (B, N, hidden)
     B, N, _ = h.shape
@@ -319,8 +318,6 @@ class tree_linear_attention:
         self.modules, self.ctx, self.saved = modules, ctx, []
 
     def __enter__(self):
-        import functools
-
         for m in self.modules:
             self.saved.append(m.__dict__.get("forward"))
             m.forward = functools.partial(_gdn_tree_forward, m, self.ctx)

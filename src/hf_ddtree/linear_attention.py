@@ -109,8 +109,7 @@ def tree_gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: 
         s0 = state.float()
         rhs = v - gsum.exp()[..., None] * (k @ s0)  # (B, H, N, Dv)
     rhs = beta[..., None] * rhs
-    u = torch.linalg.solve_triangular(m + torch.eye(N, dtype=m.dtype, device=m.device), rhs, upper=False,
-                                      unitriangular=True)  # (B, H, N, Dv)
+    u = torch.linalg.solve_triangular(m + eye, rhs, upper=False, unitriangular=True)  # (B, H, N, Dv): (I + M) U = R
     o = (decay * (q @ k.transpose(-1, -2))) @ u
     if state is not None:
         o = o + gsum.exp()[..., None] * (q @ s0)
