@@ -270,6 +270,53 @@ def test_the_round_compiles_fullgraph():
     assert torch.equal(keys, k2) and torch.equal(values, v2)
 
 
+def test_the_loop_pieces_compile_fullgraph_and_equal_the_host_built_masks():
+    """What the loop compiles (`compat.compiled_function`): `tree_inputs` (ancestor matrices, positions, the full
+    and a sliding-window mask) for a ragged, padded batch on the layout tensor equals the masks built from host
+    ints (`cache.tree_attention_masks_rows`), and `move_path_kv` (every layer's path moves in one graph) equals
+    the per-layer moves; both compiled with inductor, fullgraph, and equal eager."""
+    from hf_ddtree.cache import CacheRows, layout_tensor, move_kv, move_path_kv, path_moves, tree_attention_masks_rows
+    from hf_ddtree.tree import ancestor_matrices
+    from hf_ddtree.verify import tree_inputs
+
+    torch._dynamo.reset()
+    trees = [build_tree(1, *topk_per_position(torch.log_softmax(torch.randn(4, 9, generator=torch.Generator().manual_seed(s)),
+                                                                -1), 3), 6) for s in (0, 1)]
+    size = 8
+    trees = [t.pad_to(size) for t in trees]
+    parents = torch.stack([t.parents for t in trees])
+    depths = torch.stack([t.depths for t in trees])
+    max_depth = max(t.max_depth for t in trees)
+    rows = CacheRows([0, 3], [10, 14])  # row 0 shorter (stale slots 10..13), row 1 left-padded
+    num_real = [t.size - t.pad for t in trees]
+    at = layout_tensor(rows, num_real, "cpu")
+    windows = (("full_attention", None), ("sliding_attention", 3))
+    kw = dict(max_depth=max_depth, kv_len=30, dtype=torch.float32, windows=windows)
+    eager = tree_inputs(parents, depths, at, **kw)
+    got = torch.compile(tree_inputs, fullgraph=True, dynamic=False)(parents, depths, at, **kw)
+    vis = ancestor_matrices(parents, max_depth)
+    assert torch.equal(eager[0], vis) and torch.equal(got[0], vis)
+    positions = torch.tensor(rows.positions)[:, None] + depths
+    assert torch.equal(eager[1], positions) and torch.equal(got[1], positions)
+    cfg = build_target("qwen3", "sdpa").config
+    cfg.layer_types, cfg.sliding_window = ["full_attention", "sliding_attention", "full_attention"], 3
+    want = tree_attention_masks_rows(cfg, vis, depths, rows, 30, torch.float32, "cpu", num_real=num_real)
+    for i, (kind, _) in enumerate(windows):
+        assert torch.equal(eager[2][i], want[kind]) and torch.equal(got[2][i], want[kind]), kind
+    assert not torch.equal(want["full_attention"], want["sliding_attention"])  # the window does cut something
+
+    paths = torch.tensor([[0, 2, 5, 0], [0, 1, 0, 0]])
+    layers = [(torch.randn(2, 2, 30, 4), torch.randn(2, 2, 30, 4)) for _ in range(3)]
+    ref = [(k.clone(), v.clone()) for k, v in layers]
+    for k, v in ref:
+        move_kv(k, v, path_moves(paths, at))
+    torch.compile(move_path_kv, fullgraph=True, dynamic=False)([k for k, _ in layers], [v for _, v in layers], paths, at)
+    for (k, v), (rk, rv) in zip(layers, ref):
+        assert torch.equal(k, rk) and torch.equal(v, rv)
+    # the moves land where compact_rows puts them: row b's path at slots [length[b], + P)
+    assert torch.equal(path_moves(paths, at)[2], torch.tensor([10, 11, 12, 13, 14, 15, 16, 17]))
+
+
 @pytest.mark.parametrize("B", [1, 3])
 @pytest.mark.parametrize("kw", [dict(tree_budget=16), dict(method="dflash"), dict(method="ddtree-lookup", tree_budget=16),
                                 dict(tree_budget="auto", max_tree_budget=16), dict(tree_budget=0)],

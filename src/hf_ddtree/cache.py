@@ -26,7 +26,7 @@ import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer, LinearAttentionLayer, StaticCache, StaticLayer
 
 from . import linear_attention as la
-from .compat import LINEAR_ATTENTION, linear_attention_modules, linear_states
+from .compat import LINEAR_ATTENTION, compiled_function, linear_attention_modules, linear_states
 
 CACHE_KINDS = ("static", "dynamic")
 # the cache the loop makes (and CaDDTree calibrates on) when generate() gets no cache and no cache_implementation.
@@ -275,6 +275,15 @@ def tree_attention_mask(visibility: torch.Tensor, past_len: int, kv_len: int, dt
                                     num_real=real, out=out)
 
 
+def layout_tensor(rows: CacheRows, num_real: list[int] | None, device) -> torch.Tensor:
+    """(3, B) long on `device`, ONE host-to-device copy of the round's host ints: each row's first live
+    slot (`start`), its length, and its real tree nodes (`num_real`; the length again when None: no padding
+    node, every row index below it). What the tensor cores of the masks and the path moves read, so a
+    compiled round sees the layout as data and does not recompile when it changes."""
+    real = rows.length if num_real is None else list(num_real)
+    return torch.tensor([rows.start, rows.length, real], dtype=torch.long).to(device)
+
+
 def tree_attention_mask_rows(visibility: torch.Tensor, rows: CacheRows, kv_len: int, dtype: torch.dtype,
                              device: torch.device, *, num_real: torch.Tensor | None = None,
                              out: torch.Tensor | None = None) -> torch.Tensor:
@@ -286,21 +295,28 @@ def tree_attention_mask_rows(visibility: torch.Tensor, rows: CacheRows, kv_len: 
     visibility: (B, N, N) bool, [b, i, j] = node j of row b's tree is i or an ancestor of i.
     num_real: B ints or None: rows' nodes >= num_real[b] are padding: they see only themselves.
     out: a (B, 1, N, kv_len) buffer of `dtype` on `device` to write into (no allocation).
-    Built with tensor ops on `device` (no Python loop over nodes or rows).
+    Built with tensor ops on `device` (no Python loop over nodes or rows): `tree_mask_core` on the
+    layout's tensor (`layout_tensor`).
     """
+    at = layout_tensor(rows, num_real, device)
+    return tree_mask_core(visibility.to(device), at, kv_len, dtype, out=out, padded=num_real is not None)
+
+
+def tree_mask_core(visibility: torch.Tensor, at: torch.Tensor, kv_len: int, dtype: torch.dtype, *,
+                   out: torch.Tensor | None = None, padded: bool = True) -> torch.Tensor:
+    """`tree_attention_mask_rows` on tensors only (no host read, compiles with fullgraph=True).
+    visibility (B, N, N) bool; at (3, B) long (`layout_tensor`): start, length, real nodes per row; the
+    trees sit at slot write_at = max(length). padded: whether rows past `at[2]` are padding nodes."""
     n = visibility.shape[1]
-    vis = visibility.to(device)
-    w = rows.write_at
+    device = visibility.device
     key = torch.arange(kv_len, device=device)  # (K,)
-    rel = key - w  # key slot -> tree node index
+    rel = key - at[1].max()  # key slot -> tree node index
     in_tree = (rel >= 0) & (rel < n)  # (K,)
-    allowed = vis[:, :, rel.clamp(0, max(n - 1, 0))] & in_tree  # (B, N, K): ancestors and itself
-    bounds = torch.tensor([rows.start, rows.length] + ([] if num_real is None else [list(num_real)]),
-                          dtype=torch.long).to(device)  # one host-to-device copy: (2 or 3, B)
-    sees_cache = (key[None] >= bounds[0][:, None]) & (key[None] < bounds[1][:, None])  # (B, K)
+    allowed = visibility[:, :, rel.clamp(0, max(n - 1, 0))] & in_tree  # (B, N, K): ancestors and itself
+    sees_cache = (key[None] >= at[0][:, None]) & (key[None] < at[1][:, None])  # (B, K)
     sees_cache = sees_cache[:, None, :]  # (B, 1, K)
-    if num_real is not None:
-        sees_cache = sees_cache & (torch.arange(n, device=device)[None] < bounds[2][:, None])[:, :, None]
+    if padded:
+        sees_cache = sees_cache & (torch.arange(n, device=device)[None] < at[2][:, None])[:, :, None]
     allowed = allowed | sees_cache
     zero = torch.zeros((), dtype=dtype, device=device)
     neg = torch.tensor(torch.finfo(dtype).min, dtype=dtype, device=device)
@@ -323,16 +339,21 @@ def sliding_window_mask_rows(mask: torch.Tensor, depths: torch.Tensor, rows: Cac
     s < write_at of row b holds position s - start[b], and tree slot write_at + i holds position
     rows.positions[b] + depths[b, i]. Like transformers' sliding overlay (`kv_idx > q_idx - window`,
     on positions), node j keeps only keys at positions > its own position - window. Returns a new
-    mask; what was hidden stays hidden."""
+    mask; what was hidden stays hidden. `sliding_window_core` on the layout's tensor."""
+    at = layout_tensor(rows, None, mask.device)
+    return sliding_window_core(mask, depths.to(mask.device), at, window)
+
+
+def sliding_window_core(mask: torch.Tensor, depths: torch.Tensor, at: torch.Tensor, window: int) -> torch.Tensor:
+    """`sliding_window_mask_rows` on tensors only (no host read, compiles with fullgraph=True); at: (3, B)
+    long (`layout_tensor`)."""
     n, kv_len = mask.shape[-2], mask.shape[-1]
-    device = mask.device
-    depths = depths.to(device)
-    w = rows.write_at
-    at = torch.tensor([rows.positions, rows.start], dtype=torch.long).to(device)  # (2, B)
-    q_pos = at[0][:, None] + depths  # (B, n)
-    k_pos = torch.arange(kv_len, device=device)[None] - at[1][:, None]  # (B, kv_len)
-    k_pos = k_pos.clone()
-    k_pos[:, w:w + n] = q_pos
+    key = torch.arange(kv_len, device=mask.device)
+    rel = key - at[1].max()  # key slot -> tree node index (in [0, n) for the tree's slots)
+    q_pos = (at[1] - at[0])[:, None] + depths  # (B, n): each node's position
+    k_pos = key[None] - at[0][:, None]  # (B, kv_len): a cache slot's position
+    tree_pos = q_pos.gather(1, rel.clamp(0, max(n - 1, 0))[None].expand(q_pos.shape[0], -1))  # (B, kv_len)
+    k_pos = torch.where(((rel >= 0) & (rel < n))[None], tree_pos, k_pos)
     outside = k_pos[:, None, :] <= (q_pos[:, :, None] - window)  # (B, n, kv_len)
     return mask.masked_fill(outside[:, None], torch.finfo(mask.dtype).min)
 
@@ -359,16 +380,29 @@ def tree_attention_masks_rows(config, visibility: torch.Tensor, depths: torch.Te
     num_real / out: as in `tree_attention_mask_rows` (padding nodes; a preallocated buffer for the
     full-attention mask).
     """
-    mask = tree_attention_mask_rows(visibility, rows, kv_len, dtype, device, num_real=num_real, out=out)
+    at = layout_tensor(rows, num_real, device)
+    mask = tree_mask_core(visibility.to(device), at, kv_len, dtype, out=out, padded=num_real is not None)
+    windows, linear = mask_layout(config)
+    return shape_masks([mask if w is None else sliding_window_core(mask, depths.to(device), at, w) for _, w in windows],
+                       windows, linear)
+
+
+def mask_layout(config) -> tuple[tuple[tuple[str, int | None], ...], bool]:
+    """The static part of a tree forward's `attention_mask=`: ((layer type, sliding window or None), ...) in
+    `attention_windows` order, and whether the target has linear-attention layers (they take no mask)."""
     config = text_config(config)
-    windows = attention_windows(config)
-    masks = {kind: mask if w is None else sliding_window_mask_rows(mask, depths, rows, w)
-             for kind, w in windows.items()}
-    if LINEAR_ATTENTION in (getattr(config, "layer_types", None) or ()):
-        return {**masks, LINEAR_ATTENTION: None}  # Gated DeltaNet layers take no mask (their tree forward: compat)
-    if len(set(windows.values())) == 1:
-        return next(iter(masks.values()))
-    return masks
+    return tuple(attention_windows(config).items()), LINEAR_ATTENTION in (getattr(config, "layer_types", None) or ())
+
+
+def shape_masks(masks, windows: tuple, linear: bool):
+    """One mask per `windows` entry -> the `attention_mask=` the target takes: the mask itself when every layer
+    has the same window, else {layer type: mask} (plus None for linear-attention layers, which take none)."""
+    by_kind = dict(zip((kind for kind, _ in windows), masks))
+    if linear:
+        return {**by_kind, LINEAR_ATTENTION: None}  # Gated DeltaNet layers take no mask (their tree forward: compat)
+    if len({w for _, w in windows}) == 1:
+        return masks[0]
+    return by_kind
 
 
 def compact(cache, past_len: int, keep: torch.Tensor) -> None:
@@ -410,21 +444,41 @@ def compact_rows(cache, rows: CacheRows, keep: list[torch.Tensor] | list[list[in
     return set_lengths(cache, rows, [len(k) for k in keep])
 
 
-def move_paths(cache, rows: CacheRows, paths: torch.Tensor) -> None:
+def move_paths(cache, rows: CacheRows, paths: torch.Tensor, at: torch.Tensor | None = None, compile_config=None) -> None:
     """The device half of compacting accepted paths, with no host read: row b's path nodes
     `paths[b]` ((B, P) long on the cache's device, node indices into the tree written at slots
     [rows.write_at, + N), root first, padded past the path's end with any node index) go to slots
     [rows.length[b], + P). Entries past a row's accepted length land in slots past its new length
     (stale, masked, overwritten later; P <= N keeps them inside the cache). Then `set_lengths`
-    with the counts the host has read."""
+    with the counts the host has read.
+    at: `rows` as a (3, B) tensor (`layout_tensor`; the verify's `Verified.at`), made when not given.
+    compile_config: every layer's moves in one compiled call (`move_path_kv`, `compat.compiled_function`)."""
+    if at is None:
+        at = layout_tensor(rows, None, paths.device)
+    layers = kv_layers(cache)
+    if compile_config is not None and len({layer.keys.device for layer in layers}) == 1:
+        compiled_function(move_path_kv, compile_config)([layer.keys for layer in layers],
+                                                        [layer.values for layer in layers], paths, at.to(paths.device))
+        return
+    _move(cache, path_moves(paths, at.to(paths.device)))
+
+
+def path_moves(paths: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
+    """(3, B * P) long (batch row, source slot, destination slot) moving row b's path nodes `paths[b]` from the
+    tree at slot max(at[1]) to slots [at[1][b], + P) (at: `layout_tensor`). Tensor ops only."""
     B, P = paths.shape
-    dev = paths.device
-    base = torch.tensor(rows.length, dtype=torch.long).to(dev)  # (B,)
-    steps = torch.arange(P, device=dev)
-    row_idx = torch.arange(B, device=dev)[:, None].expand(B, P).reshape(-1)
-    src = (paths + rows.write_at).reshape(-1)
-    dst = (base[:, None] + steps[None]).reshape(-1)
-    _move(cache, torch.stack([row_idx, src, dst]))
+    row_idx = torch.arange(B, device=paths.device)[:, None].expand(B, P).reshape(-1)
+    src = (paths + at[1].max()).reshape(-1)
+    dst = (at[1][:, None] + torch.arange(P, device=paths.device)[None]).reshape(-1)
+    return torch.stack([row_idx, src, dst])
+
+
+def move_path_kv(keys: list[torch.Tensor], values: list[torch.Tensor], paths: torch.Tensor, at: torch.Tensor) -> None:
+    """`path_moves` applied to every layer's keys / values (B, H, S, D) in place: one graph for all layers
+    when compiled (fullgraph=True)."""
+    index = path_moves(paths, at)
+    for k, v in zip(keys, values):
+        move_kv(k, v, index)
 
 
 def set_lengths(cache, rows: CacheRows, counts: list[int]) -> CacheRows:

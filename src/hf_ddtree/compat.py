@@ -208,6 +208,34 @@ def compiled_module_call(module, compile_config, dynamic: bool | None = None):
     return memo[tag]
 
 
+def compiled_function(fn, compile_config):
+    """`fn` compiled for the round: torch.compile(fn, fullgraph=True, dynamic=False) with compile_config's backend
+    and inductor options, memoised per (fn, compile_config); `fn` itself when compile_config is None (eager).
+
+    For the pure tensor pieces of a round (tree build, tree inputs, accept walk, path moves): fixed shapes
+    (padded trees, a static cache) and no host read inside, so one graph each serves every round, and
+    fullgraph=True makes a graph break an error rather than a silent host round trip. mode is left at
+    inductor's default ("reduce-overhead" would add CUDA graphs on a GPU: not yet run on one, docs/design.md)."""
+    if compile_config is None:
+        return fn
+    key = (fn, id(compile_config))
+    hit = _COMPILED_FUNCTIONS.get(key)
+    if hit is not None and hit[0] is compile_config:
+        return hit[1]
+    import torch
+
+    options = compile_config.to_dict()
+    kwargs = dict(fullgraph=True, dynamic=False, backend=options.get("backend", "inductor"))
+    if options.get("options"):
+        kwargs["options"] = options["options"]
+    compiled = torch.compile(fn, **kwargs)
+    _COMPILED_FUNCTIONS[key] = (compile_config, compiled)  # the config kept alive: its id stays its own
+    return compiled
+
+
+_COMPILED_FUNCTIONS: dict = {}
+
+
 # ------------------------------------------------------------------------------------------------
 # Linear-attention (Gated DeltaNet) layers of hybrid targets: Qwen3-Next, Qwen3.5 / 3.6 (dense, MoE)
 # ------------------------------------------------------------------------------------------------

@@ -354,7 +354,11 @@ def speculative_decoding(
     # root alone, without the drafter forward, when that promises more tokens per second (`CaDDTreePolicy.plan`)
     plans = hasattr(budget_policy, "plan") and hasattr(proposer, "lookup_only") and tp is None
     # on a tensor-parallel target the leader walks, every rank takes its path
-    accept = leader_accept(tp, accept_on_device if on_device else accept_on_host)
+    # compiled forwards + the device round: its tensor pieces (tree build, tree inputs, accept walk, path moves)
+    # compile too, fullgraph at fixed shapes (`compat.compiled_function`), so nothing between the forwards runs op by op
+    round_compile = compile_config if on_device else None
+    accept = leader_accept(tp, functools.partial(accept_on_device, compile_config=round_compile) if on_device
+                           else accept_on_host)
     mask_out = None  # with padding and a static cache every verify has one shape: reuse one mask buffer
     # one processor list per row (B > 1): processors with per-row state are narrowed to their row
     procs = logits_processor if B == 1 else [row_processors(logits_processor, b) for b in range(B)]
@@ -375,7 +379,10 @@ def speculative_decoding(
         # ---- the round's inputs: right-aligned ids on the device, host copies of the text ------------
         ids = rows.right_aligned(active)  # (B, L)
         remaining = min(rows.end_len[b] - rows.length[b] for b in active)  # new tokens still allowed after the roots
-        rnd = Round(ids, context, layout.positions, min(spec.block_size - 1, remaining - 1), context_lengths,
+        # a compiled round keeps the drafter's whole block (one shape for the tree build): nodes past max_length are
+        # verified but never committed (`_Rows.commit` stops at the row's end)
+        depth_limit = min(spec.block_size - 1, remaining - 1) if round_compile is None or remaining < 2 else spec.block_size - 1
+        rnd = Round(ids, context, layout.positions, depth_limit, context_lengths,
                     max_depth=remaining - 1, host_text=[rows.tokens[b] for b in active])
 
         # ---- draft + tree: the proposer's drafter forward(s), then one tree per row, cut by the policy --
@@ -407,11 +414,12 @@ def speculative_decoding(
         if pad_tree and isinstance(cache, StaticCache) and mask_out is None:
             mask_out = torch.empty(len(active), 1, size, mask_width(cache, 0, size), dtype=model.dtype, device=device)
         v = verify_trees(model, trees, cache, layout, hidden_idx, procs if B == 1 else tuple(procs[b] for b in active),
-                         rows.prefixes(active), do_sample, mask_out, accept=accept, forward=forward)
+                         rows.prefixes(active), do_sample, mask_out, accept=accept, forward=forward,
+                         compile_config=round_compile)
         clock.lap("verify_s")
 
         # ---- accept: move each row's path K/V and features on the device, then the round's ONE read ----
-        move_paths(cache, layout, v.paths)
+        move_paths(cache, layout, v.paths, v.at, round_compile)
         new_context = v.features.gather(1, v.paths[..., None].expand(-1, -1, v.features.shape[-1]))  # (B, P, F)
         committed = unpack(v.packed.tolist())  # the host's one read: per row (accepted count, tokens)
         counts = [c for c, _ in committed]

@@ -27,10 +27,11 @@ import torch.nn.functional as F
 from transformers.cache_utils import DynamicCache
 
 from .cache import CacheRows, compact_rows, select_rows
-from .compat import cache_kwargs, compiled_module_call
+from .compat import cache_kwargs, compiled_function, compiled_module_call
 from .drafter import DrafterSpec, validate_d2sd_pair
 from .lookup import LookupCalibrator, LookupIndex, candidate_paths, lookup_tree
-from .tree import Tree, build_chain, build_chains, build_tree, build_trees, merge_paths, topk_per_position, tree_paths
+from .tree import (Tree, beam_tree_tensors, build_chain, build_chains, build_tree, build_trees, merge_paths,
+                   topk_per_position, tree_paths)
 
 METHODS = ("ddtree", "dflash", "auto", "ddtree-lookup", "d2sd", "d2sd-tree")
 D2SD_METHODS = ("d2sd", "d2sd-tree")
@@ -284,9 +285,11 @@ class DFlashProposer(Proposer):
     """DDTree (`method="ddtree"`/`"auto"`: the best-first tree of `max_nodes` nodes) or the DFlash
     chain (`method="dflash"`) from one drafter; one drafter forward for all rows, one tree per row."""
 
-    def __init__(self, state: DrafterState, method: str, max_nodes: int, on_device: bool = True):
+    def __init__(self, state: DrafterState, method: str, max_nodes: int, on_device: bool = True, compile_config=None):
         self.state, self.method, self.max_nodes = state, method, max_nodes
         self.on_device = on_device  # build trees on the device (`build_trees`); False: the host heap
+        # the device tree build compiled (`compat.compiled_function`), when the loop compiles its round
+        self.beam = compiled_function(beam_tree_tensors, compile_config if on_device else None)
 
     def draft(self, round: Round) -> torch.Tensor:
         """(B, D, V) log-probs, D = round.depth_limit: [b, d] predicts depth d + 1 of row b."""
@@ -308,7 +311,7 @@ class DFlashProposer(Proposer):
             return [build_chain(root, host[0][b], host[1][b]) for b, root in enumerate(round.root_list())]
         top_lp, top_ids = topk_per_position(logprobs, self.max_nodes)  # (B, D, k)
         if self.on_device:
-            return build_trees(round.roots, top_lp, top_ids, self.max_nodes)
+            return build_trees(round.roots, top_lp, top_ids, self.max_nodes, core=self.beam)
         return self._host_trees(round, top_lp, top_ids)
 
     def _host_trees(self, round: Round, top_lp: torch.Tensor, top_ids: torch.Tensor) -> list[Tree]:
@@ -465,8 +468,9 @@ class LookupProposer(DFlashProposer):
     """
 
     def __init__(self, state: DrafterState, max_nodes: int, index: LookupIndex | None = None,
-                 calibrator: LookupCalibrator | None = None, max_depth: int | None = None, on_device: bool = True):
-        super().__init__(state, "ddtree", max_nodes, on_device)
+                 calibrator: LookupCalibrator | None = None, max_depth: int | None = None, on_device: bool = True,
+                 compile_config=None):
+        super().__init__(state, "ddtree", max_nodes, on_device, compile_config)
         self.max_depth = LOOKUP_MAX_DEPTH if max_depth is None else int(max_depth)  # deepest lookup node
         first = _LookupRow()
         if index is not None:
@@ -499,7 +503,7 @@ class LookupProposer(DFlashProposer):
         top_lp, top_ids = topk_per_position(logprobs, self.max_nodes)  # (B, D, k)
         if not any(cands):
             if self.on_device:
-                return build_trees(round.roots, top_lp, top_ids, self.max_nodes)
+                return build_trees(round.roots, top_lp, top_ids, self.max_nodes, core=self.beam)
             return self._host_trees(round, top_lp, top_ids)
         # (row, depth, token) of every candidate token the drafter covers -> its log q, read with the top-k
         pairs = [(b, d, t) for b, cs in enumerate(cands) for c in cs for d, t in enumerate(c.tokens) if d < D]
@@ -570,7 +574,8 @@ def make_proposer(target, drafter, spec: DrafterSpec, method: str, max_nodes: in
     compile_config: a transformers CompileConfig: run the drafter forwards through torch.compile with
     its options and `dynamic=True` (the drafter's context length and cache length change every round;
     its block shape is fixed), see `compat.compiled_module_call`. None: eager.
-    on_device: build DDTree / chain trees on the device (no host read); False: the host heap.
+    on_device: build DDTree / chain trees on the device (no host read); False: the host heap. With both,
+    the device tree build runs compiled too (`compat.compiled_function`).
     """
     embed, head = target.get_input_embeddings(), target.get_output_embeddings()
 
@@ -582,5 +587,5 @@ def make_proposer(target, drafter, spec: DrafterSpec, method: str, max_nodes: in
         return D2SDProposer(state, DrafterState(drafter2, spec2, embed, head, fwd(drafter2)), method, max_nodes,
                             boundaries, alternatives)
     if method == "ddtree-lookup":
-        return LookupProposer(state, max_nodes, on_device=on_device)
-    return DFlashProposer(state, method, max_nodes, on_device)
+        return LookupProposer(state, max_nodes, on_device=on_device, compile_config=compile_config)
+    return DFlashProposer(state, method, max_nodes, on_device, compile_config)

@@ -23,16 +23,21 @@ def ancestor_matrix(parents: torch.Tensor, max_depth: int) -> torch.Tensor:
 
     parents: (N,) long, -1 for a node without a parent (the root, padding nodes). max_depth: the
     deepest node's depth (bounds the pointer jumps). Vectorised over nodes: `max_depth` gathers.
-    """
-    n = parents.shape[0]
-    idx = torch.arange(n, device=parents.device)
+    (`ancestor_matrices` for B trees at once.)"""
+    return ancestor_matrices(parents[None], max_depth)[0]
+
+
+def ancestor_matrices(parents: torch.Tensor, max_depth: int) -> torch.Tensor:
+    """(B, N, N) bool for B trees' parents (B, N): [b, i, j] is True iff node j is i or an ancestor of i in
+    tree b. Tensor ops only (`max_depth` gathers), no host read: it compiles with fullgraph=True."""
+    B, n = parents.shape
+    idx = torch.arange(n, device=parents.device).expand(B, n)
     up = torch.where(parents < 0, idx, parents)  # a parentless node points at itself
-    vis = torch.zeros(n, n, dtype=torch.bool, device=parents.device)
-    vis[idx, idx] = True
+    vis = torch.eye(n, dtype=torch.bool, device=parents.device).expand(B, n, n).clone()
     cur = idx
     for _ in range(max_depth):
-        cur = up[cur]
-        vis[idx, cur] = True
+        cur = up.gather(1, cur)
+        vis.scatter_(2, cur[..., None], True)
     return vis
 
 
@@ -243,7 +248,7 @@ def _stable_order(keys: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
 
 
 def build_trees(roots: torch.Tensor, top_logprobs: torch.Tensor, top_ids: torch.Tensor, budget: int,
-                max_depth: int | None = None) -> list[Tree]:
+                max_depth: int | None = None, core=None) -> list[Tree]:
     """`build_tree` for B rows at once, on the tensors' device, with no host read: the same trees
     (nodes, pop order, ties, float64 scores) as the heap.
 
@@ -256,6 +261,7 @@ def build_trees(roots: torch.Tensor, top_logprobs: torch.Tensor, top_ids: torch.
     min(n, K**d) kept (re-sorted into tuple order). The best n of all kept nodes, in that order, are
     the heap's pops. Scores are summed left to right in float64, as the heap sums Python floats.
     Every row gets min(n, sum_d K**d) nodes (a host int): shapes depend on (n, K, D) only.
+    core: `beam_tree_tensors` or a compiled copy of it (the default: itself).
     """
     if budget < 0:
         raise ValueError(f"tree budget must be >= 0, got {budget}")
@@ -269,7 +275,7 @@ def build_trees(roots: torch.Tensor, top_logprobs: torch.Tensor, top_ids: torch.
     if n == 0:
         return [Tree(roots[b:b + 1], roots.new_full((1,), -1), roots.new_zeros(1), score=torch.zeros(1, dtype=torch.float64,
                      device=device), num_nodes=0, max_depth=0) for b in range(B)]
-    tokens, parents, depths, scores = beam_tree_tensors(roots, top_logprobs, top_ids, widths, n)
+    tokens, parents, depths, scores = (core or beam_tree_tensors)(roots, top_logprobs, top_ids, widths, n)
     return [Tree(tokens[b], parents[b], depths[b], score=scores[b], num_nodes=n, max_depth=min(len(widths), n))
             for b in range(B)]
 

@@ -25,10 +25,12 @@ from transformers.generation.logits_process import (
     PrefixConstrainedLogitsProcessor,
 )
 
-from .cache import CacheRows, mask_width, tree_attention_masks_rows
-from .compat import cache_kwargs, gather_features, hidden_states_request, linear_attention_modules, tree_linear_attention
+from .cache import (CacheRows, layout_tensor, mask_layout, mask_width, shape_masks, sliding_window_core,
+                    tree_mask_core)
+from .compat import (cache_kwargs, compiled_function, gather_features, hidden_states_request, linear_attention_modules,
+                     tree_linear_attention)
 from .linear_attention import TreeStates
-from .tree import Tree, ancestor_matrix, ancestors_by_depth
+from .tree import Tree, ancestor_matrices, ancestor_matrix, ancestors_by_depth
 
 # processors whose output depends only on the scores row, not on the token prefix
 _PREFIX_FREE = (
@@ -68,6 +70,7 @@ class Verified:
     next_tokens: torch.Tensor
     packed: torch.Tensor
     linear_states: TreeStates | None = None
+    at: torch.Tensor | None = None  # (3, B) long: the cache layout the trees were verified on (`cache.layout_tensor`)
 
 
 def unpack(packed_rows: list[list[int]]) -> list[tuple[int, list[int]]]:
@@ -95,38 +98,90 @@ def run_trees(target, trees: list[Tree], cache, rows: CacheRows, hidden_indices:
     compiled call, `compat.compiled_call`, when generate()'s compile criteria hold).
     Returns logits (B, N, V) and the selected hidden states concatenated (B, N, F) (or None).
     """
-    device = target.device
-    tokens = torch.stack([t.tokens for t in trees]).to(device)  # (B, N)
-    depths = torch.stack([t.depths for t in trees]).to(device)  # (B, N)
-    visibility = torch.stack([t.visibility(device) for t in trees])  # (B, N, N)
-    logits, features, _ = _forward_trees(target, trees, tokens, depths, visibility, cache, rows, hidden_indices,
-                                         mask_out, forward)
+    tokens, parents, depths = _stack_trees(trees, target.device)
+    inputs = _tree_inputs(target, trees, parents, depths, cache, rows, mask_out, None)
+    logits, features, _ = _forward_trees(target, tokens, inputs, cache, hidden_indices, forward)
     return logits, features
 
 
-def _forward_trees(target, trees: list[Tree], tokens: torch.Tensor, depths: torch.Tensor, visibility: torch.Tensor,
-                   cache, rows: CacheRows, hidden_indices, mask_out, forward):
-    """`run_trees` on the trees' stacked tensors (B, N) / (B, N, N), already on the target's device.
-    Returns logits, features and, for a hybrid target, the linear-attention layers' record
-    (`linear_attention.TreeStates`, for `cache.commit_linear_states`; None otherwise)."""
-    device = tokens.device
+def _stack_trees(trees: list[Tree], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(B, N) tokens, parents, depths of B trees of one size, on `device`."""
     n = trees[0].size
     if any(t.size != n for t in trees):
         raise ValueError(f"run_trees needs trees of one size (pad them), got sizes {[t.size for t in trees]}.")
-    position_ids = depths + torch.tensor(rows.positions, dtype=torch.long).to(device)[:, None]  # (B, N)
-    num_real = [t.size - t.pad for t in trees]
-    mask = tree_attention_masks_rows(target.config, visibility, depths, rows, mask_width(cache, rows.write_at, n),
-                                     target.dtype, device, num_real=num_real, out=mask_out)
+    if len(trees) == 1:
+        t = trees[0]
+        return t.tokens[None].to(device), t.parents[None].to(device), t.depths[None].to(device)
+    return tuple(torch.stack([getattr(t, k) for t in trees]).to(device) for k in ("tokens", "parents", "depths"))
+
+
+def tree_inputs(parents: torch.Tensor, depths: torch.Tensor, at: torch.Tensor, *, max_depth: int, kv_len: int,
+                dtype: torch.dtype, windows: tuple, out: torch.Tensor | None = None):
+    """Everything a tree forward needs besides its tokens, from tensors only (no host read; compiles with
+    fullgraph=True at fixed shapes, `compat.compiled_function`).
+
+    parents / depths: (B, N) long; at: (3, B) long, the cache layout (`cache.layout_tensor`: start, length,
+    real nodes per row; the trees sit at slot max(length)); windows: `mask_layout(config)[0]`; out: an optional
+    (B, 1, N, kv_len) buffer for the full mask. Returns visibility (B, N, N) bool (`ancestor_matrices`),
+    position_ids (B, N) (a row's next position + depth) and one (B, 1, N, kv_len) additive mask per window."""
+    visibility = ancestor_matrices(parents, max_depth)
+    position_ids = depths + (at[1] - at[0])[:, None]
+    mask = tree_mask_core(visibility, at, kv_len, dtype, out=out)
+    masks = tuple(mask if w is None else sliding_window_core(mask, depths, at, w) for _, w in windows)
+    return visibility, position_ids, masks
+
+
+@dataclass
+class TreeInputs:
+    """A tree forward's inputs on the device: visibility (B, N, N) bool, depths / position_ids (B, N) long,
+    attention_mask (the (B, 1, N, kv_len) mask, or {layer type: mask}), at (3, B) long (the layout, for the
+    path moves after the walk), max_depth (a host int)."""
+
+    visibility: torch.Tensor
+    depths: torch.Tensor
+    position_ids: torch.Tensor
+    attention_mask: object
+    at: torch.Tensor
+    max_depth: int
+
+
+def _tree_inputs(target, trees: list[Tree], parents: torch.Tensor, depths: torch.Tensor, cache, rows: CacheRows,
+                 mask_out: torch.Tensor | None, compile_config) -> TreeInputs:
+    """`tree_inputs` (compiled when compile_config is given) for B stacked trees, the mask shaped as the
+    target takes it. ONE host-to-device copy: the layout (`cache.layout_tensor`)."""
+    n = trees[0].size
+    max_depth = max(t.max_depth for t in trees)
+    at = layout_tensor(rows, [t.size - t.pad for t in trees], depths.device)  # (3, B)
+    windows, linear = _mask_layout_of(target)
+    visibility, position_ids, masks = compiled_function(tree_inputs, compile_config)(
+        parents, depths, at, max_depth=max_depth, kv_len=mask_width(cache, rows.write_at, n), dtype=target.dtype,
+        windows=windows, out=mask_out)
+    return TreeInputs(visibility, depths, position_ids, shape_masks(masks, windows, linear), at, max_depth)
+
+
+def _mask_layout_of(target):
+    """`cache.mask_layout(target.config)`, worked out once per target (it reads the config's layer types)."""
+    memo = target.__dict__.get("_hf_ddtree_mask_layout")
+    if memo is None or memo[0] is not target.config:
+        memo = (target.config, mask_layout(target.config))
+        target.__dict__["_hf_ddtree_mask_layout"] = memo
+    return memo[1]
+
+
+def _forward_trees(target, tokens: torch.Tensor, inputs: TreeInputs, cache, hidden_indices, forward):
+    """The target forward over stacked trees (B, N) with their `TreeInputs`. Returns logits (B, N, V),
+    features (B, N, F) or None and, for a hybrid target, the linear-attention layers' record
+    (`linear_attention.TreeStates`, for `cache.commit_linear_states`; None otherwise)."""
     gdn = linear_attention_modules(target)
     states = None
     if gdn:  # Gated DeltaNet layers: each node's conv window and recurrence along its own path
-        states = TreeStates(visibility, ancestors_by_depth(visibility, depths, max(t.max_depth for t in trees)),
-                            depths, {})
+        states = TreeStates(inputs.visibility, ancestors_by_depth(inputs.visibility, inputs.depths, inputs.max_depth),
+                            inputs.depths, {})
     with tree_linear_attention(gdn, states):
         out = (forward or target)(
             input_ids=tokens,
-            position_ids=position_ids,
-            attention_mask=mask,  # (B, 1, N, kv_len), or {layer type: mask} for hybrid targets
+            position_ids=inputs.position_ids,
+            attention_mask=inputs.attention_mask,  # (B, 1, N, kv_len), or {layer type: mask} for hybrid targets
             **cache_kwargs(target, cache),
             use_cache=True,
             output_hidden_states=hidden_states_request(hidden_indices),
@@ -149,7 +204,7 @@ def verify_tree(target, tree: Tree, cache, past_len: int, hidden_indices: list[i
 
 def verify_trees(target, trees: list[Tree], cache, rows: CacheRows, hidden_indices: list[int] | None,
                  logits_processor, prefixes: list[torch.Tensor], do_sample: bool,
-                 mask_out: torch.Tensor | None = None, accept=None, forward=None) -> Verified:
+                 mask_out: torch.Tensor | None = None, accept=None, forward=None, compile_config=None) -> Verified:
     """A round's verification of B rows: `run_trees` (one forward), the processors by depth
     (`process_scores`) and the accept walk (`accept_paths`), all on the device, no host read.
     prefixes[b]: (1, L_b) row b's committed ids ending with its root (what stock generate() would
@@ -158,27 +213,26 @@ def verify_trees(target, trees: list[Tree], cache, rows: CacheRows, hidden_indic
     list for every row, or a tuple of B of them (`row_processors`). accept: the walk,
     `(trees, tokens, parents, visibility, depths, scores, do_sample, max_depth) -> (paths, counts,
     next tokens, packed)`: `accept_on_device` (the default) or `accept_on_host`; tensor-parallel
-    targets wrap it to walk on the leader and broadcast. forward: see `run_trees`."""
-    device = target.device
-    tokens = torch.stack([t.tokens for t in trees]).to(device)  # (B, N)
-    parents = torch.stack([t.parents for t in trees]).to(device)
-    depths = torch.stack([t.depths for t in trees]).to(device)
-    max_depth = max(t.max_depth for t in trees)
-    visibility = torch.stack([ancestor_matrix(parents[b], max_depth) for b in range(len(trees))])  # (B, N, N)
-    raw, features, states = _forward_trees(target, trees, tokens, depths, visibility, cache, rows, hidden_indices,
-                                           mask_out, forward)
-    scores = torch.stack([
+    targets wrap it to walk on the leader and broadcast. forward: see `run_trees`. compile_config: the
+    tree inputs (`tree_inputs`) run compiled (`compat.compiled_function`); None: eagerly."""
+    tokens, parents, depths = _stack_trees(trees, target.device)  # (B, N) each
+    inputs = _tree_inputs(target, trees, parents, depths, cache, rows, mask_out, compile_config)
+    raw, features, states = _forward_trees(target, tokens, inputs, cache, hidden_indices, forward)
+    visibility = inputs.visibility
+    scores = raw.float() if not logits_processor else torch.stack([
         process_scores(logits_processor[b] if isinstance(logits_processor, tuple) else logits_processor,
                        prefixes[b], tree, raw[b], visibility[b], depths[b])
         for b, tree in enumerate(trees)])  # (B, N, V)
     paths, counts, nxt, packed = (accept or accept_on_device)(trees, tokens, parents, visibility, depths, scores,
-                                                              do_sample, max_depth)
-    return Verified(raw, scores, features, paths, counts, nxt, packed, states)
+                                                              do_sample, inputs.max_depth)
+    return Verified(raw, scores, features, paths, counts, nxt, packed, states, inputs.at)
 
 
-def accept_on_device(trees, tokens, parents, visibility, depths, scores, do_sample, max_depth):
-    """The loop's accept step on an accelerator: `accept_paths` (no host read)."""
-    return accept_paths(tokens, parents, visibility, depths, scores, do_sample, max_depth)
+def accept_on_device(trees, tokens, parents, visibility, depths, scores, do_sample, max_depth, compile_config=None):
+    """The loop's accept step on an accelerator: `accept_paths` (no host read), compiled when compile_config
+    is given (`compat.compiled_function`)."""
+    return compiled_function(accept_paths, compile_config)(tokens, parents, visibility, depths, scores, do_sample,
+                                                           max_depth)
 
 
 def accept_on_host(trees, tokens, parents, visibility, depths, scores, do_sample, max_depth):
