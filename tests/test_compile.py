@@ -145,19 +145,25 @@ def test_disable_compile_runs_eager():
 # exactness: compiled == eager == stock, greedy fp32 (the test_lossless matrix style, a few cases)
 # ------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("arch, impl, mode, drafter, eos", [
-    ("qwen3", "sdpa", dict(tree_budget=4), "random", False),
-    ("qwen3", "sdpa", dict(tree_budget=16), "oracle", True),
-    ("llama", "eager", dict(tree_budget=16), "random", False),
-    ("llama", "sdpa", dict(), "oracle", False),  # the DFlash chain
+@pytest.mark.parametrize("arch, impl, mode, drafter, eos, device_round", [
+    ("qwen3", "sdpa", dict(tree_budget=4), "random", False, True),
+    ("qwen3", "sdpa", dict(tree_budget=16), "oracle", True, True),
+    ("qwen3", "sdpa", dict(tree_budget=16), "oracle", True, False),  # the host heap + walk, compiled tree inputs / moves
+    ("llama", "eager", dict(tree_budget=16), "random", False, True),
+    ("llama", "eager", dict(tree_budget=16), "random", False, False),
+    ("llama", "sdpa", dict(), "oracle", False, True),  # the DFlash chain
+    ("qwen3", "sdpa", dict(method="ddtree-lookup", tree_budget=8), "random", False, True),
 ])
-def test_compiled_matches_stock_and_eager(arch, impl, mode, drafter, eos):
+def test_compiled_matches_stock_and_eager(arch, impl, mode, drafter, eos, device_round):
+    """Compiled forwards and round pieces (tree inputs, path moves; on the device round also the beam and the walk):
+    token-identical to eager and to stock, near max_length too (a compiled round keeps the drafter's whole block)."""
     torch._dynamo.reset()
     s = setup(arch, impl)
     d = s.drafters[drafter]
     extra = dict(eos_token_id=s.eos, pad_token_id=s.eos) if eos else {}
     ref = s.ref_eos if eos else s.ref
-    kw = dict(assistant_model=d, max_new_tokens=NEW, do_sample=False, cache_implementation="static", **mode, **extra)
+    kw = dict(assistant_model=d, max_new_tokens=NEW, do_sample=False, cache_implementation="static",
+              device_round=device_round, **mode, **extra)
     eager = s.target.generate(s.prompt, **kw)
     graphs = counters["stats"]["unique_graphs"]
     compiled = s.target.generate(s.prompt, compile_config=all_devices(backend="eager"), **kw)

@@ -308,34 +308,8 @@ def speculative_decoding(
         pad_tree = True  # one verify shape per budget (and the mask buffer below)
 
     # ---- prefill: the prompt into the cache, the first token from the target -----------------
-    # (a pre-filled cache already holds the first `held` tokens: only the rest is read, at their own positions)
-    prompt = dict(inputs_embeds=embeds) if embeds is not None else dict(input_ids=input_ids[:, held:])
-    P = offset + input_ids.shape[1]
-    if padded:  # stock's positions for a left-padded batch; its 2D mask
-        position_ids = (attn.long().cumsum(-1) - 1).masked_fill(attn == 0, 1)  # (B, P)
-        prompt["attention_mask"] = attn
-    else:
-        position_ids = torch.arange(held, P, device=device)[None].expand(B, -1)  # (B, P - held)
-    out = model(
-        **prompt,
-        position_ids=position_ids,
-        **cache_kwargs(model, cache),
-        use_cache=True,
-        output_hidden_states=hidden_states_request(hidden_idx),
-        logits_to_keep=1,
-    )
-    layout = CacheRows(list(left_pad), [P] * B)  # row b's live slots [pad_b, P)
-    feats = gather_features(out, hidden_idx)  # (B, P - held, F)
-    # the drafter's pending context: row b's features of its real tokens, left-aligned (B, C, F), C_b = P - pad_b
-    context, context_lengths = _left_align([feats[b, left_pad[b]:] for b in range(B)])
-    raw = out.logits[:, -1].float()  # (B, V)
-    scores = logits_processor(input_ids, raw.clone()) if logits_processor else raw  # stock's batched call
-    if tp is None:
-        first = (torch.multinomial(torch.softmax(scores, dim=-1), 1)[:, 0] if do_sample else scores.argmax(-1)).tolist()
-    else:
-        first = [leader_token(tp, lambda: choose(scores[b], do_sample)) for b in range(B)]
-    for b in range(B):
-        rows.commit(b, [first[b]], lambda j, b=b: scores[b], lambda j, b=b: raw[b])
+    layout, context, context_lengths = _prefill(model, cache, input_ids, embeds, attn if padded else None, held, offset,
+                                                left_pad, hidden_idx, logits_processor, do_sample, tp, rows)
     clock.lap("prefill_s")
 
     if device_round is None and os.environ.get("HF_DDTREE_DEVICE_ROUND"):
@@ -349,104 +323,66 @@ def speculative_decoding(
         if pending is not None:
             context = torch.cat([pending.to(context.dtype), context], dim=1)  # (1, C, F): positions [end, P)
             context_lengths = [context.shape[1]]
-    observers = [proposer] if budget_policy is None else [proposer, budget_policy]
     # round kinds (CaDDTree over lookup, one row, not tensor-parallel): a round may verify the lookup tree or the
     # root alone, without the drafter forward, when that promises more tokens per second (`CaDDTreePolicy.plan`)
     plans = hasattr(budget_policy, "plan") and hasattr(proposer, "lookup_only") and tp is None
+    # with compiled forwards the round's tensor pieces compile too, fullgraph at fixed shapes (`compat.compiled_function`),
+    # so nothing between the forwards runs op by op: the tree inputs (ancestor matrices, positions, masks) and every
+    # layer's path moves, and on the device round the tree build (beam, `make_proposer`) and the accept walk as well
     # on a tensor-parallel target the leader walks, every rank takes its path
-    # compiled forwards + the device round: its tensor pieces (tree build, tree inputs, accept walk, path moves)
-    # compile too, fullgraph at fixed shapes (`compat.compiled_function`), so nothing between the forwards runs op by op
-    round_compile = compile_config if on_device else None
-    accept = leader_accept(tp, functools.partial(accept_on_device, compile_config=round_compile) if on_device
+    accept = leader_accept(tp, functools.partial(accept_on_device, compile_config=compile_config) if on_device
                            else accept_on_host)
-    mask_out = None  # with padding and a static cache every verify has one shape: reuse one mask buffer
     # one processor list per row (B > 1): processors with per-row state are narrowed to their row
     procs = logits_processor if B == 1 else [row_processors(logits_processor, b) for b in range(B)]
-    active = list(range(B))  # original indices of the rows still decoding, in batch order
+    loop = _Decode(model, cache, layout, proposer, context, context_lengths, list(range(B)), rows, stats, clock,
+                   spec=spec, max_nodes=max_nodes, budget_policy=budget_policy, device=device,
+                   plans=plans, tp=tp, pad_tree=pad_tree, compile_config=compile_config, accept_fn=accept,
+                   forward=forward, procs=procs, hidden_idx=hidden_idx, do_sample=do_sample)
 
-    while True:
-        # ---- retire finished rows: they leave the cache, the drafter and the proposer ----------------
-        keep = [i for i, b in enumerate(active) if rows.length[b] < rows.end_len[b]]
-        if not keep:
-            break
-        if len(keep) < len(active):
-            layout = select_rows(cache, keep, layout)
-            proposer.select(keep)
-            context, context_lengths = context[keep], [context_lengths[i] for i in keep]
-            active = [active[i] for i in keep]
-            mask_out = None
+    while loop.retire():  # finished rows leave the cache, the drafter and the proposer; none left: done
+        rnd = loop.round_inputs()  # right-aligned ids on the device, host copies of the text
+        kind, trees = loop.propose(rnd)  # draft + tree (or a lookup / root-only round), cut by the policy, padded
+        v = loop.verify(trees)  # ONE target forward over every row's tree, processors by depth, the accept walk
+        loop.accept(v, trees, drafted=kind == "draft")  # path K/V moved on the device, the round's ONE read, commit
 
-        # ---- the round's inputs: right-aligned ids on the device, host copies of the text ------------
-        ids = rows.right_aligned(active)  # (B, L)
-        remaining = min(rows.end_len[b] - rows.length[b] for b in active)  # new tokens still allowed after the roots
-        # a compiled round keeps the drafter's whole block (one shape for the tree build): nodes past max_length are
-        # verified but never committed (`_Rows.commit` stops at the row's end)
-        depth_limit = min(spec.block_size - 1, remaining - 1) if round_compile is None or remaining < 2 else spec.block_size - 1
-        rnd = Round(ids, context, layout.positions, depth_limit, context_lengths,
-                    max_depth=remaining - 1, host_text=[rows.tokens[b] for b in active])
-
-        # ---- draft + tree: the proposer's drafter forward(s), then one tree per row, cut by the policy --
-        drafted = rnd.depth_limit > 0 and max_nodes > 0
-        kind = "draft" if drafted else "root"
-        if drafted and plans and len(active) == 1:  # CaDDTree may skip the drafter: lookup alone, or the root alone
-            lookup = proposer.lookup_only(rnd)
-            kind, n = budget_policy.plan(lookup)
-            drafted = kind == "draft"
-        stats.round_kinds.append(kind)
-        if kind == "lookup":
-            trees = [lookup.truncate(n)]  # the lookup candidates' best n nodes, no drafter forward
-        elif not drafted:
-            trees = build_chains(rnd.roots, ids.new_empty(len(active), 0))  # verify the roots alone, no draft
-        else:
-            drafts = proposer.draft(rnd)
-            clock.lap("draft_s")
-            trees = proposer.build(rnd, drafts)
-            if budget_policy is not None:  # CaDDTree: the first n nodes (pop order), one n for the batch
-                n = budget_policy(trees[0] if len(active) == 1 else trees)
-                trees = [t.truncate(n) for t in trees]
-            if tp is not None:
-                trees = [leader_tree(tp, trees[0])]  # tensor parallel: every rank verifies the leader's tree
-        size = max_nodes + 1 if pad_tree else max(t.size for t in trees)
-        trees = [t.pad_to(size) for t in trees]
-        clock.lap("tree_s")
-
-        # ---- verify: ONE target forward over every row's tree, processors by depth, accept on the device -
-        if pad_tree and isinstance(cache, StaticCache) and mask_out is None:
-            mask_out = torch.empty(len(active), 1, size, mask_width(cache, 0, size), dtype=model.dtype, device=device)
-        v = verify_trees(model, trees, cache, layout, hidden_idx, procs if B == 1 else tuple(procs[b] for b in active),
-                         rows.prefixes(active), do_sample, mask_out, accept=accept, forward=forward,
-                         compile_config=round_compile)
-        clock.lap("verify_s")
-
-        # ---- accept: move each row's path K/V and features on the device, then the round's ONE read ----
-        move_paths(cache, layout, v.paths, v.at, round_compile)
-        new_context = v.features.gather(1, v.paths[..., None].expand(-1, -1, v.features.shape[-1]))  # (B, P, F)
-        committed = unpack(v.packed.tolist())  # the host's one read: per row (accepted count, tokens)
-        counts = [c for c, _ in committed]
-        layout = set_lengths(cache, layout, [c + 1 for c in counts])
-        for observer in observers:
-            observer.observe(counts)  # CaDDTree calibrates its acceptance estimate
-        if drafted:
-            context_lengths = [c + 1 for c in counts]
-            context = new_context[:, :max(context_lengths)].clone()  # (B, C, F); a base tensor, not a view (compile guards)
-        else:  # the drafter did not see last round's context: keep it in front
-            context, context_lengths = _left_align([torch.cat([context[i, :context_lengths[i]], new_context[i, :c + 1]])
-                                                    for i, c in enumerate(counts)])
-        kept = []
-        for i, b in enumerate(active):
-            path = v.paths[i]
-            n = rows.commit(b, committed[i][1], lambda j, i=i, path=path: v.scores[i, path[j]],
-                            lambda j, i=i, path=path: v.raw[i, path[j]])
-            rows.acceptance[b].append(n)  # committed only: a stop (EOS) mid-path drops the rest
-            stats.acceptance_lengths.append(n)
-            stats.tree_sizes.append(trees[i].num_nodes)
-            kept.append(max(n - 1, 0))  # the depth of the last path node the cache keeps (the committed tokens but the last)
-        if v.linear_states is not None:  # hybrid target: linear-attention states become the kept path's
-            commit_linear_states(cache, v.linear_states, v.paths, torch.tensor(kept).to(device))
-        rows.flush()
-        clock.lap("commit_s")
-
+    cache, layout, context, context_lengths = loop.cache, loop.layout, loop.context, loop.context_lengths
     return finish()
+
+
+def _prefill(model, cache, input_ids: torch.Tensor, embeds, attn, held: int, offset: int, left_pad: list[int],
+             hidden_idx, logits_processor, do_sample: bool, tp, rows: _Rows):
+    """The prompt into the cache and the target's first token, committed to `rows` (stock's batched processor call).
+    A pre-filled cache already holds the first `held` tokens: only the rest is read, at their own positions; a
+    left-padded batch (attn: its 2D mask, else None) gets stock's positions. Returns the cache layout
+    (`CacheRows`: row b's live slots [pad_b, P)) and the drafter's pending context: row b's features of its real
+    tokens, left-aligned (B, C, F), and the B ints C_b."""
+    B, device = input_ids.shape[0], input_ids.device
+    prompt = dict(inputs_embeds=embeds) if embeds is not None else dict(input_ids=input_ids[:, held:])
+    P = offset + input_ids.shape[1]
+    if attn is not None:  # stock's positions for a left-padded batch; its 2D mask
+        position_ids = (attn.long().cumsum(-1) - 1).masked_fill(attn == 0, 1)  # (B, P)
+        prompt["attention_mask"] = attn
+    else:
+        position_ids = torch.arange(held, P, device=device)[None].expand(B, -1)  # (B, P - held)
+    out = model(
+        **prompt,
+        position_ids=position_ids,
+        **cache_kwargs(model, cache),
+        use_cache=True,
+        output_hidden_states=hidden_states_request(hidden_idx),
+        logits_to_keep=1,
+    )
+    feats = gather_features(out, hidden_idx)  # (B, P - held, F)
+    context, context_lengths = _left_align([feats[b, left_pad[b]:] for b in range(B)])  # (B, C, F), C_b = P - pad_b
+    raw = out.logits[:, -1].float()  # (B, V)
+    scores = logits_processor(input_ids, raw.clone()) if logits_processor else raw  # stock's batched call
+    if tp is None:
+        first = (torch.multinomial(torch.softmax(scores, dim=-1), 1)[:, 0] if do_sample else scores.argmax(-1)).tolist()
+    else:
+        first = [leader_token(tp, lambda: choose(scores[b], do_sample)) for b in range(B)]
+    for b in range(B):
+        rows.commit(b, [first[b]], lambda j, b=b: scores[b], lambda j, b=b: raw[b])
+    return CacheRows(list(left_pad), [P] * B), context, context_lengths
 
 
 def _continue_from(cache, model, input_ids: torch.Tensor, embeds, padded: bool, tp, need: int):
@@ -653,6 +589,147 @@ class _Rows:
         if self.pad_id is not None:
             pad_row[0, self.pad_id] = 0.0
         return tuple(torch.cat([r[t] if t < len(r) else pad_row for r in per_row]) for t in range(width - self.P0))
+
+
+@dataclass
+class _Decode:
+    """The loop's state between rounds and its steps, each a call (`speculative_decoding` reads top to bottom):
+    retire -> round_inputs -> propose (draft + tree) -> verify -> accept.
+
+    cache / layout   the target cache and its rows' layout (`cache.CacheRows`, host ints)
+    context          (B, C, F) target features the drafter has not read yet, row b's first context_lengths[b]
+    active           original indices of the rows still decoding, in batch order
+    rows / stats / clock  the per-row bookkeeping (`_Rows`), the call's `DecodeStats`, its timer
+    The rest is fixed for the call: the drafter spec, the node budget, the budget policy (CaDDTree) and whether
+    it plans round kinds, the tensor-parallel handle, padding, the compile config of the round's pieces (None: eager), the
+    accept walk, the verify forward, the logits processors (one list, or one per original row), the feature
+    layers, greedy / sampling and the device."""
+
+    model: object
+    cache: object
+    layout: CacheRows
+    proposer: Proposer
+    context: torch.Tensor
+    context_lengths: list[int]
+    active: list[int]
+    rows: _Rows
+    stats: DecodeStats
+    clock: _Clock
+    spec: DrafterSpec = None
+    max_nodes: int = 0
+    budget_policy: object = None
+    plans: bool = False
+    tp: object = None
+    pad_tree: bool = False
+    compile_config: object = None
+    accept_fn: Callable = None
+    forward: Callable | None = None
+    procs: object = None
+    hidden_idx: list[int] | None = None
+    do_sample: bool = False
+    device: torch.device | None = None  # the input ids' device: the loop's own tensors go there
+    mask_out: torch.Tensor | None = None  # with padding and a static cache every verify has one shape: one mask buffer
+
+    def retire(self) -> bool:
+        """Rows that reached their end leave the cache, the drafter and the proposer; False when none is left."""
+        rows = self.rows
+        keep = [i for i, b in enumerate(self.active) if rows.length[b] < rows.end_len[b]]
+        if not keep:
+            return False
+        if len(keep) < len(self.active):
+            self.layout = select_rows(self.cache, keep, self.layout)
+            self.proposer.select(keep)
+            self.context, self.context_lengths = self.context[keep], [self.context_lengths[i] for i in keep]
+            self.active = [self.active[i] for i in keep]
+            self.mask_out = None
+        return True
+
+    def round_inputs(self) -> Round:
+        """The proposer's view of this round (`Round`): right-aligned ids on the device, host copies of the text."""
+        rows, active = self.rows, self.active
+        ids = rows.right_aligned(active)  # (B, L)
+        remaining = min(rows.end_len[b] - rows.length[b] for b in active)  # new tokens still allowed after the roots
+        # a compiled round keeps the drafter's whole block (one shape for the tree build): nodes past max_length are
+        # verified but never committed (`_Rows.commit` stops at the row's end)
+        block = self.spec.block_size - 1
+        depth_limit = block if self.compile_config is not None and remaining >= 2 else min(block, remaining - 1)
+        return Round(ids, self.context, self.layout.positions, depth_limit, self.context_lengths,
+                     max_depth=remaining - 1, host_text=[rows.tokens[b] for b in active])
+
+    def propose(self, rnd: Round) -> tuple[str, list[Tree]]:
+        """(round kind, one padded tree per row): the drafter's trees cut by the budget policy ("draft"), or without
+        a drafter forward the lookup tree alone ("lookup", CaDDTree's plan) or the roots alone ("root")."""
+        proposer, policy, B = self.proposer, self.budget_policy, len(self.active)
+        drafted = rnd.depth_limit > 0 and self.max_nodes > 0
+        kind = "draft" if drafted else "root"
+        if drafted and self.plans and B == 1:  # CaDDTree may skip the drafter: lookup alone, or the root alone
+            lookup = proposer.lookup_only(rnd)
+            kind, n = policy.plan(lookup)
+        self.stats.round_kinds.append(kind)
+        if kind == "lookup":
+            trees = [lookup.truncate(n)]  # the lookup candidates' best n nodes, no drafter forward
+        elif kind == "root":
+            trees = build_chains(rnd.roots, rnd.ids.new_empty(B, 0))  # verify the roots alone, no draft
+        else:
+            drafts = proposer.draft(rnd)
+            self.clock.lap("draft_s")
+            trees = proposer.build(rnd, drafts)
+            if policy is not None:  # CaDDTree: the first n nodes (pop order), one n for the batch
+                n = policy(trees[0] if B == 1 else trees)
+                trees = [t.truncate(n) for t in trees]
+            if self.tp is not None:
+                trees = [leader_tree(self.tp, trees[0])]  # tensor parallel: every rank verifies the leader's tree
+        size = self.max_nodes + 1 if self.pad_tree else max(t.size for t in trees)
+        trees = [t.pad_to(size) for t in trees]
+        self.clock.lap("tree_s")
+        return kind, trees
+
+    def verify(self, trees: list[Tree]):
+        """`verify.verify_trees` over the rows' trees: one target forward, the processors by depth, the accept walk;
+        nothing read by the host (`Verified`)."""
+        model, cache, B = self.model, self.cache, len(self.active)
+        size = trees[0].size
+        if self.pad_tree and isinstance(cache, StaticCache) and self.mask_out is None:
+            self.mask_out = torch.empty(B, 1, size, mask_width(cache, 0, size), dtype=model.dtype, device=self.device)
+        procs = self.procs if self.rows.B == 1 else tuple(self.procs[b] for b in self.active)
+        v = verify_trees(model, trees, cache, self.layout, self.hidden_idx, procs, self.rows.prefixes(self.active),
+                         self.do_sample, self.mask_out, accept=self.accept_fn, forward=self.forward,
+                         compile_config=self.compile_config)
+        self.clock.lap("verify_s")
+        return v
+
+    def accept(self, v, trees: list[Tree], drafted: bool) -> None:
+        """Keep each row's accepted path: its K/V moved on the device, then the round's ONE host read (counts and
+        tokens) for the layout, the observers (proposer, CaDDTree), the drafter's next context and the commit
+        (stopping criteria, streamer, output); a hybrid target's linear states become the kept path's."""
+        cache, rows, stats = self.cache, self.rows, self.stats
+        move_paths(cache, self.layout, v.paths, v.at, self.compile_config)
+        new_context = v.features.gather(1, v.paths[..., None].expand(-1, -1, v.features.shape[-1]))  # (B, P, F)
+        committed = unpack(v.packed.tolist())  # the host's one read: per row (accepted count, tokens)
+        counts = [c for c, _ in committed]
+        self.layout = set_lengths(cache, self.layout, [c + 1 for c in counts])
+        self.proposer.observe(counts)
+        if self.budget_policy is not None:
+            self.budget_policy.observe(counts)  # CaDDTree calibrates its acceptance estimate
+        if drafted:
+            self.context_lengths = [c + 1 for c in counts]
+            self.context = new_context[:, :max(self.context_lengths)].clone()  # (B, C, F); a base tensor (compile guards)
+        else:  # the drafter did not see last round's context: keep it in front
+            self.context, self.context_lengths = _left_align(
+                [torch.cat([self.context[i, :self.context_lengths[i]], new_context[i, :c + 1]]) for i, c in enumerate(counts)])
+        kept = []
+        for i, b in enumerate(self.active):
+            path = v.paths[i]
+            n = rows.commit(b, committed[i][1], lambda j, i=i, path=path: v.scores[i, path[j]],
+                            lambda j, i=i, path=path: v.raw[i, path[j]])
+            rows.acceptance[b].append(n)  # committed only: a stop (EOS) mid-path drops the rest
+            stats.acceptance_lengths.append(n)
+            stats.tree_sizes.append(trees[i].num_nodes)
+            kept.append(max(n - 1, 0))  # the depth of the last path node the cache keeps (the committed tokens but the last)
+        if v.linear_states is not None:  # hybrid target: linear-attention states become the kept path's
+            commit_linear_states(cache, v.linear_states, v.paths, torch.tensor(kept).to(self.device))
+        rows.flush()
+        self.clock.lap("commit_s")
 
 
 def _host_stop(criteria) -> Callable[[list[int]], bool] | None:
