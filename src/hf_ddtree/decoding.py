@@ -326,9 +326,6 @@ def speculative_decoding(
     # round kinds (CaDDTree over lookup, one row, not tensor-parallel): a round may verify the lookup tree or the
     # root alone, without the drafter forward, when that promises more tokens per second (`CaDDTreePolicy.plan`)
     plans = hasattr(budget_policy, "plan") and hasattr(proposer, "lookup_only") and tp is None
-    # with compiled forwards the round's tensor pieces compile too, fullgraph at fixed shapes (`compat.compiled_function`),
-    # so nothing between the forwards runs op by op: the tree inputs (ancestor matrices, positions, masks) and every
-    # layer's path moves, and on the device round the tree build (beam, `make_proposer`) and the accept walk as well
     # on a tensor-parallel target the leader walks, every rank takes its path
     accept = leader_accept(tp, functools.partial(accept_on_device, compile_config=compile_config) if on_device
                            else accept_on_host)
@@ -336,6 +333,9 @@ def speculative_decoding(
     procs = logits_processor if B == 1 else [row_processors(logits_processor, b) for b in range(B)]
     loop = _Decode(model, cache, layout, proposer, context, context_lengths, list(range(B)), rows, stats, clock,
                    spec=spec, max_nodes=max_nodes, budget_policy=budget_policy, device=device,
+                   # with compiled forwards the round's tensor pieces compile too, fullgraph at fixed shapes
+                   # (`compat.compiled_function`): the tree inputs (ancestor matrices, positions, masks) and every layer's
+                   # path moves; on the device round also the tree build (beam, `make_proposer`) and the accept walk
                    plans=plans, tp=tp, pad_tree=pad_tree, compile_config=compile_config, accept_fn=accept,
                    forward=forward, procs=procs, hidden_idx=hidden_idx, do_sample=do_sample)
 
