@@ -353,3 +353,45 @@ def test_the_host_round_samples_the_exact_law():
                                   method_kw=dict(assistant_model=drafters["oracle"], tree_budget=8, device_round=False))
     assert chi_square_pvalue(counts, exact)[2] > ts.ALPHA
     assert max(accept) >= 3  # multi-node acceptances happen
+
+
+class _DeviceMoves(torch.overrides.TorchFunctionMode):
+    """Records every `Tensor.to(<device>)` / `Tensor.cuda()` that hf_ddtree's own code (outside `device.py`'s
+    helpers) makes: on an accelerator each one from host memory waits for the device's queue."""
+
+    def __init__(self):
+        super().__init__()
+        self.sites: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        if name in ("to", "cuda") and (name == "cuda" or kwargs.get("device") is not None
+                                        or any(isinstance(a, (torch.device, str)) for a in args[1:])):
+            import sys
+
+            frame = sys._getframe(1)  # the caller of .to()
+            where = frame.f_code.co_filename.replace("\\", "/")
+            if "/hf_ddtree/" in where and not where.endswith("/hf_ddtree/device.py"):
+                self.sites.append(f"{where.split('/hf_ddtree/')[-1]}:{frame.f_lineno}")
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize("B", [1, 3])
+@pytest.mark.parametrize("kw", [dict(tree_budget=16), dict(method="dflash"), dict(method="ddtree-lookup", tree_budget=16)],
+                         ids=["ddtree", "dflash", "ddtree-lookup"])
+def test_no_blocking_host_to_device_copy_in_the_round(pair, B, kw):
+    """The round's small host-made tensors (layout, drafter positions, committed tokens, lookup indices) reach the
+    device through `device.to_device` / `host_tensor` (pinned + non_blocking on CUDA), never a plain `.to(device)`:
+    on a GPU a pageable copy makes the host wait for everything queued. Seen on this CPU as the calls themselves."""
+    target, drafter = pair
+    torch.manual_seed(B)
+    base = torch.randint(0, 60, (1, 6))
+    ids = torch.cat([base, base, base], 1).expand(B, -1).clone()  # text that repeats: lookup finds candidates
+    ids[:, -1] = torch.arange(B)
+    with _DeviceMoves() as moves:
+        out = target.generate(ids, assistant_model=drafter, max_new_tokens=32, do_sample=False, device_round=True,
+                              return_dict_in_generate=True, **kw)
+    acc = out.acceptance_lengths
+    assert (len(acc) if B == 1 else max(len(a) for a in acc)) >= 4
+    assert moves.sites == [], " ".join(sorted(set(moves.sites)))

@@ -27,6 +27,7 @@ from transformers.cache_utils import DynamicCache, DynamicLayer, LinearAttention
 
 from . import linear_attention as la
 from .compat import LINEAR_ATTENTION, compiled_function, linear_attention_modules, linear_states
+from .device import host_tensor, to_device
 
 CACHE_KINDS = ("static", "dynamic")
 # the cache the loop makes (and CaDDTree calibrates on) when generate() gets no cache and no cache_implementation.
@@ -281,7 +282,7 @@ def layout_tensor(rows: CacheRows, num_real: list[int] | None, device) -> torch.
     node, every row index below it). What the tensor cores of the masks and the path moves read, so a
     compiled round sees the layout as data and does not recompile when it changes."""
     real = rows.length if num_real is None else list(num_real)
-    return torch.tensor([rows.start, rows.length, real], dtype=torch.long).to(device)
+    return host_tensor([rows.start, rows.length, real], device)
 
 
 def tree_attention_mask_rows(visibility: torch.Tensor, rows: CacheRows, kv_len: int, dtype: torch.dtype,
@@ -456,11 +457,12 @@ def move_paths(cache, rows: CacheRows, paths: torch.Tensor, at: torch.Tensor | N
     if at is None:
         at = layout_tensor(rows, None, paths.device)
     layers = kv_layers(cache)
+    at = to_device(at, paths.device)
     if compile_config is not None and len({layer.keys.device for layer in layers}) == 1:
         compiled_function(move_path_kv, compile_config)([layer.keys for layer in layers],
-                                                        [layer.values for layer in layers], paths, at.to(paths.device))
+                                                        [layer.values for layer in layers], paths, at)
         return
-    _move(cache, path_moves(paths, at.to(paths.device)))
+    _move(cache, path_moves(paths, at))
 
 
 def path_moves(paths: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
@@ -497,7 +499,7 @@ def _move(cache, index: torch.Tensor) -> None:
     for layer in kv_layers(cache):
         dev = layer.keys.device
         if dev not in on:
-            on[dev] = index.to(dev)
+            on[dev] = to_device(index, dev)
         move_kv(layer.keys, layer.values, on[dev])
 
 
@@ -528,7 +530,7 @@ def select_rows(cache, rows: list[int], layout: CacheRows) -> CacheRows:
             continue
         dev = layer.keys.device
         if dev not in on:
-            on[dev] = idx.to(dev)
+            on[dev] = to_device(idx, dev)
         layer.keys = layer.keys[on[dev]]
         layer.values = layer.values[on[dev]]
         if isinstance(layer, StaticLayer):

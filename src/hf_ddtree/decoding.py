@@ -28,6 +28,7 @@ from .cache import (CacheRows, adopt_cache, commit_linear_states, compact, loop_
 from .compat import (CACHE_FIELD, cache_from_kwargs, cache_kwargs, compile_config_of, compile_requested, compiled_call,
                      gather_features, hidden_states_request)
 from .distributed import check_tensor_parallel, leader_accept, leader_tree, leader_token
+from .device import host_tensor
 from .drafter import DrafterSpec, is_dflash_drafter, validate_pair
 from .propose import (D2SD_ALTERNATIVES, D2SD_BOUNDARIES, D2SD_MAX_BRANCHES, D2SD_METHODS, DEFAULT_MAX_TREE_BUDGET,
                       DEFAULT_TREE_BUDGET, MAX_TREE_BUDGET, METHODS, DrafterSnapshot, Proposer, Round, make_proposer)
@@ -544,7 +545,7 @@ class _Rows:
             return
         idx = [(b, start + j, t) for b, start, toks in self._pending for j, t in enumerate(toks)]
         self._pending = []
-        at = torch.tensor(idx, dtype=torch.long).T.to(self.device)  # (3, M): row, slot, token
+        at = host_tensor(idx, self.device).T  # (3, M): row, slot, token
         self.buf[at[0], at[1]] = at[2]
 
     def right_aligned(self, active: list[int]) -> torch.Tensor:
@@ -554,7 +555,7 @@ class _Rows:
         L = max(lengths)
         if len(active) == 1:
             return self.buf[active[0]:active[0] + 1, :L]
-        shift = torch.tensor([L - n for n in lengths], dtype=torch.long).to(self.device)  # (B,)
+        shift = host_tensor([L - n for n in lengths], self.device)  # (B,)
         col = torch.arange(L, device=self.device)[None] - shift[:, None]  # (B, L)
         ids = self.buf[active].gather(1, col.clamp(min=0))
         return ids.masked_fill(col < 0, self.pad_id if self.pad_id is not None else 0)
@@ -727,7 +728,7 @@ class _Decode:
             stats.tree_sizes.append(trees[i].num_nodes)
             kept.append(max(n - 1, 0))  # the depth of the last path node the cache keeps (the committed tokens but the last)
         if v.linear_states is not None:  # hybrid target: linear-attention states become the kept path's
-            commit_linear_states(cache, v.linear_states, v.paths, torch.tensor(kept).to(self.device))
+            commit_linear_states(cache, v.linear_states, v.paths, host_tensor(kept, self.device))
         rows.flush()
         self.clock.lap("commit_s")
 

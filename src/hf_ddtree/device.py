@@ -1,7 +1,8 @@
-"""Where and in what dtype the CLIs run: `--device` and `--dtype` as a user means them.
+"""Devices: where and in what dtype the CLIs run (`--device` and `--dtype` as a user means them), and how the
+loop moves its small host-made tensors to the target's device without waiting for it.
 
 Plain helpers with no model code, imported by every command line (demo, bench, make-responses,
-train-drafter) and by the benchmark scripts.
+train-drafter), by the benchmark scripts and by the loop (`to_device`, `host_tensor`).
 """
 
 from __future__ import annotations
@@ -62,3 +63,25 @@ def resolve_dtype(name: str, device: torch.device | str = "cpu") -> tuple[torch.
     if name not in DTYPES:
         raise ValueError(f"--dtype {name!r}: use one of {', '.join(DTYPE_CHOICES)}.")
     return DTYPES[name], "bf16" if DTYPES[name] == torch.bfloat16 else "fp32"
+
+
+def to_device(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """`tensor` on `device` without the host waiting for the device's queue.
+
+    A copy from pageable host memory to a GPU (`tensor.to("cuda")`, `torch.tensor(..., device="cuda")`) makes the
+    host wait until every kernel already queued on the stream has run: a hidden sync each round. A CPU tensor going
+    to CUDA is staged in pinned memory (the caching host allocator keeps it alive until the copy's stream event)
+    and copied with non_blocking=True; anything else is a plain non-blocking `.to` (a no-op where it already is)."""
+    device = torch.device(device)
+    if tensor.device == device:
+        return tensor
+    if device.type == "cpu":  # to the host: a read, blocking on purpose (never hand the host unfinished data)
+        return tensor.to(device)
+    if device.type == "cuda" and tensor.device.type == "cpu":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device, non_blocking=True)
+
+
+def host_tensor(values, device: torch.device | str, dtype: torch.dtype = torch.long) -> torch.Tensor:
+    """Host values (nested lists of ints) as a tensor on `device`, copied without a host wait (`to_device`)."""
+    return to_device(torch.tensor(values, dtype=dtype), device)

@@ -28,6 +28,7 @@ from transformers.cache_utils import DynamicCache
 
 from .cache import CacheRows, compact_rows, select_rows
 from .compat import cache_kwargs, compiled_function, compiled_module_call
+from .device import host_tensor, to_device
 from .drafter import DrafterSpec, validate_d2sd_pair
 from .lookup import LookupCalibrator, LookupIndex, candidate_paths, lookup_tree
 from .tree import (Tree, beam_tree_tensors, build_chain, build_chains, build_tree, build_trees, merge_paths,
@@ -199,7 +200,7 @@ class DrafterState:
             raise ValueError(f"drafter context out of step: origin {origin} + seen {self.seen} + new {clen} != past {past}.")
         T = self.cache.get_seq_length()  # slots in the drafter cache (= max seen)
         dev = self.device
-        at = torch.tensor([self.seen, past, clen, origin], dtype=torch.long).to(dev)  # (4, B): one host-to-device copy
+        at = host_tensor([self.seen, past, clen, origin], dev)  # (4, B): one host-to-device copy
         seen_t, past_t, clen_t = at[0], at[1], at[2]
         ctx_pos = (at[3] + seen_t)[:, None] + torch.arange(C, device=dev)[None]  # (B, C); entries past clen[b] are padding
         blk_pos = (past_t[:, None] + torch.arange(bs, device=dev)[None]).repeat(1, K)  # (B, K*bs)
@@ -215,12 +216,12 @@ class DrafterState:
             blk_ok = (slot[None] >= T + C) & (k_blk[None] == q_blk[:, None])  # (K*bs, W)
             allowed = ctx_ok[:, None, :] | blk_ok[None]  # (B, K*bs, W)
             mask = torch.where(allowed, 0.0, torch.finfo(self.dtype).min).to(self.dtype)[:, None]
-        noise = self.embed(blocks.reshape(B, -1).to(self.embed.weight.device)).to(dev)  # (B, K*bs, H)
+        noise = to_device(self.embed(to_device(blocks.reshape(B, -1), self.embed.weight.device)), dev)  # (B, K*bs, H)
         hidden = self.forward(
             position_ids=pos,
             attention_mask=mask,  # None or (B, 1, K*bs, T + C + K*bs)
             noise_embedding=noise,
-            target_hidden=context.to(dev),  # (B, C, F)
+            target_hidden=to_device(context, dev),  # (B, C, F)
             **cache_kwargs(self.drafter, self.cache),
             use_cache=True,
             is_causal=False,
@@ -231,7 +232,7 @@ class DrafterState:
             compact_rows(self.cache, CacheRows([0] * B, list(self.seen)), keep)
         self.seen = [p - o for p, o in zip(past, origin)]
         hidden = hidden.reshape(B, K, bs, -1)[:, :, 1:]  # (B, K, bs-1, H)
-        hidden = hidden.to(self.lm_head.weight.device, self.lm_head.weight.dtype)
+        hidden = to_device(hidden, self.lm_head.weight.device).to(self.lm_head.weight.dtype)
         if self.vocab_ids is None:
             return torch.log_softmax(self.lm_head(hidden).float(), dim=-1)
         # shortlist: logits for S ids, renormalised over them; every other id gets -inf
@@ -507,7 +508,7 @@ class LookupProposer(DFlashProposer):
             return self._host_trees(round, top_lp, top_ids)
         # (row, depth, token) of every candidate token the drafter covers -> its log q, read with the top-k
         pairs = [(b, d, t) for b, cs in enumerate(cands) for c in cs for d, t in enumerate(c.tokens) if d < D]
-        idx = torch.tensor(pairs, dtype=torch.long).T.to(logprobs.device)  # (3, M)
+        idx = host_tensor(pairs, logprobs.device).T  # (3, M)
         logq = logprobs[idx[0], idx[1], idx[2]]  # (M,)
         h_lp, h_ids, flat = _read_topk(top_lp, top_ids, logq)  # one transfer for all three
         trees, at = [], 0

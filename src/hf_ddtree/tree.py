@@ -17,6 +17,8 @@ from __future__ import annotations
 import heapq
 import torch
 
+from .device import to_device
+
 
 def ancestor_matrix(parents: torch.Tensor, max_depth: int) -> torch.Tensor:
     """(N, N) bool: [i, j] is True iff j is i or an ancestor of i, computed on `parents`' device.
@@ -271,7 +273,7 @@ def build_trees(roots: torch.Tensor, top_logprobs: torch.Tensor, top_ids: torch.
     widths = _beam_widths(K, depth_limit, budget) if K and budget else []
     total = sum(widths)
     n = min(budget, total)
-    roots = roots.to(device).long()
+    roots = to_device(roots, device).long()
     if n == 0:
         return [Tree(roots[b:b + 1], roots.new_full((1,), -1), roots.new_zeros(1), score=torch.zeros(1, dtype=torch.float64,
                      device=device), num_nodes=0, max_depth=0) for b in range(B)]
@@ -334,7 +336,7 @@ def build_chains(roots: torch.Tensor, draft_ids: torch.Tensor, draft_logprobs: t
     """`build_chain` for B rows on the tensors' device: roots (B,), draft_ids / draft_logprobs (B, D)."""
     B, D = draft_ids.shape
     device = draft_ids.device
-    tokens = torch.cat([roots.to(device).long()[:, None], draft_ids.long()], 1)  # (B, D + 1)
+    tokens = torch.cat([to_device(roots, device).long()[:, None], draft_ids.long()], 1)  # (B, D + 1)
     parents = torch.arange(-1, D, device=device)
     depths = torch.arange(D + 1, device=device)
     lps = torch.zeros(B, D, dtype=torch.float64, device=device) if draft_logprobs is None else draft_logprobs.double()

@@ -29,6 +29,7 @@ from .cache import (CacheRows, layout_tensor, mask_layout, mask_width, shape_mas
                     tree_mask_core)
 from .compat import (cache_kwargs, compiled_function, gather_features, hidden_states_request, linear_attention_modules,
                      tree_linear_attention)
+from .device import host_tensor, to_device
 from .linear_attention import TreeStates
 from .tree import Tree, ancestor_matrices, ancestor_matrix, ancestors_by_depth
 
@@ -111,8 +112,8 @@ def _stack_trees(trees: list[Tree], device) -> tuple[torch.Tensor, torch.Tensor,
         raise ValueError(f"run_trees needs trees of one size (pad them), got sizes {[t.size for t in trees]}.")
     if len(trees) == 1:
         t = trees[0]
-        return t.tokens[None].to(device), t.parents[None].to(device), t.depths[None].to(device)
-    return tuple(torch.stack([getattr(t, k) for t in trees]).to(device) for k in ("tokens", "parents", "depths"))
+        return to_device(t.tokens[None], device), to_device(t.parents[None], device), to_device(t.depths[None], device)
+    return tuple(to_device(torch.stack([getattr(t, k) for t in trees]), device) for k in ("tokens", "parents", "depths"))
 
 
 def tree_inputs(parents: torch.Tensor, depths: torch.Tensor, at: torch.Tensor, *, max_depth: int, kv_len: int,
@@ -247,8 +248,8 @@ def accept_on_host(trees, tokens, parents, visibility, depths, scores, do_sample
         fill = [0] * (P - len(path))
         paths.append(path + fill)
         rows.append([len(path) - 1] + [toks[i] for i in path[1:]] + fill + [nxt])
-    packed = torch.tensor(rows, dtype=torch.long, device=scores.device)  # (B, P + 1)
-    return torch.tensor(paths, dtype=torch.long, device=scores.device), packed[:, 0], packed[:, -1], packed
+    packed = host_tensor(rows, scores.device)  # (B, P + 1)
+    return host_tensor(paths, scores.device), packed[:, 0], packed[:, -1], packed
 
 
 def accept_paths(tokens: torch.Tensor, parents: torch.Tensor, visibility: torch.Tensor, depths: torch.Tensor,
@@ -334,11 +335,11 @@ def process_scores(logits_processor: LogitsProcessorList | None, prefix: torch.T
         return logits_processor(prefix.expand(N, -1), scores)
     device = scores.device
     if depths is None:
-        depths = tree.depths.to(device)
+        depths = to_device(tree.depths, device)
     if visibility is None:
-        visibility = ancestor_matrix(tree.parents.to(device), tree.max_depth)
+        visibility = ancestor_matrix(to_device(tree.parents, device), tree.max_depth)
     D = tree.max_depth
-    tokens = tree.tokens.to(device)
+    tokens = to_device(tree.tokens, device)
     # anc_tok[i, k]: the token of node i's ancestor at depth k (the root's where i has none: its output is not kept)
     anc_tok = tokens[ancestors_by_depth(visibility, depths, D)]  # (N, D + 1)
     ids = torch.cat([prefix.expand(N, -1), anc_tok[:, 1:]], dim=-1)  # (N, L + D)
