@@ -246,3 +246,37 @@ def test_auto_budget_calibrates_the_compiled_loop(monkeypatch):
     assert torch.equal(s.target.generate(s.prompt, **kw), s.ref)
     assert torch.equal(s.target.generate(s.prompt, cache_implementation="static", compile_config=cc, **kw), s.ref)
     assert seen[0] is None and seen[1] is cc
+
+
+@pytest.mark.parametrize("kw", [dict(tree_budget="auto", max_tree_budget=16), dict(method="ddtree-lookup", tree_budget=16)],
+                         ids=["caddtree", "ddtree-lookup"])
+def test_trees_of_changing_depth_compile_once(monkeypatch, kw):
+    """CaDDTree's cuts (here a policy cutting each round's tree to a different size) and lookup merges give trees of
+    a different depth each round: the compiled pieces take the call's depth bound instead of each round's depth,
+    so they compile a bounded number of graphs (no per-depth recompiles), and the output is stock's."""
+    import hf_ddtree.distributed as distributed
+
+    class Cutting:  # 1, 2, ..., 6, 1, 2, ... nodes: the cut tree's depth changes every round
+        def __init__(self, max_nodes):
+            self.max_nodes, self.calls = max_nodes, 0
+
+        def __call__(self, tree):
+            self.calls += 1
+            return min(tree.num_nodes, 1 + self.calls % 6)
+
+        def observe(self, accepted):
+            pass
+
+    monkeypatch.setattr(distributed, "caddtree_policy", lambda target, drafter, max_nodes, **k: Cutting(max_nodes))
+    torch._dynamo.reset()
+    s = setup("qwen3", "sdpa")
+    counter = GraphCounter()
+    cc = all_devices(backend=counter.backend)
+    gen = dict(assistant_model=s.drafters["random"], max_new_tokens=NEW, do_sample=False, cache_implementation="static",
+               compile_config=cc, return_dict_in_generate=True, **kw)
+    out = s.target.generate(s.prompt, **gen)
+    assert torch.equal(out.sequences, s.ref)
+    if "max_tree_budget" in kw:
+        assert len(set(out.stats.tree_sizes)) >= 4  # the cut really changed from round to round
+    pieces = [g for g in counter.graphs if not g.startswith("['s")]  # all but the drafter's dynamic-shape graphs
+    assert sum(counter.graphs[g] for g in pieces) <= 8, counter.graphs

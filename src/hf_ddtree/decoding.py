@@ -332,13 +332,22 @@ def speculative_decoding(
                            else accept_on_host)
     # one processor list per row (B > 1): processors with per-row state are narrowed to their row
     procs = logits_processor if B == 1 else [row_processors(logits_processor, b) for b in range(B)]
+    # compiled pieces take the tree's depth as a static argument: give them the deepest any tree of this call can
+    # reach (the drafter's block; lookup continuations go deeper; D2SD branches re-anchor past the block)
+    depth_bound = None
+    if compile_config is not None:
+        depth_bound = spec.block_size - 1
+        if method == "ddtree-lookup":
+            depth_bound = max(depth_bound, proposer.max_depth)
+        elif method in D2SD_METHODS:
+            depth_bound = max_nodes
     loop = _Decode(model, cache, layout, proposer, context, context_lengths, list(range(B)), rows, stats, clock,
                    spec=spec, max_nodes=max_nodes, budget_policy=budget_policy, device=device,
                    # with compiled forwards the round's tensor pieces compile too, fullgraph at fixed shapes
                    # (`compat.compiled_function`): the tree inputs (ancestor matrices, positions, masks) and every layer's
                    # path moves; on the device round also the tree build (beam, `make_proposer`) and the accept walk
                    plans=plans, tp=tp, pad_tree=pad_tree, compile_config=compile_config, accept_fn=accept,
-                   forward=forward, procs=procs, hidden_idx=hidden_idx, do_sample=do_sample)
+                   forward=forward, procs=procs, hidden_idx=hidden_idx, do_sample=do_sample, depth_bound=depth_bound)
 
     while loop.retire():  # finished rows leave the cache, the drafter and the proposer; none left: done
         rnd = loop.round_inputs()  # right-aligned ids on the device, host copies of the text
@@ -629,6 +638,7 @@ class _Decode:
     hidden_idx: list[int] | None = None
     do_sample: bool = False
     device: torch.device | None = None  # the input ids' device: the loop's own tensors go there
+    depth_bound: int | None = None  # compiled pieces: the deepest node any tree of the call can have (one static depth)
     mask_out: torch.Tensor | None = None  # with padding and a static cache every verify has one shape: one mask buffer
 
     def retire(self) -> bool:
@@ -695,7 +705,7 @@ class _Decode:
         procs = self.procs if self.rows.B == 1 else tuple(self.procs[b] for b in self.active)
         v = verify_trees(model, trees, cache, self.layout, self.hidden_idx, procs, self.rows.prefixes(self.active),
                          self.do_sample, self.mask_out, accept=self.accept_fn, forward=self.forward,
-                         compile_config=self.compile_config)
+                         compile_config=self.compile_config, depth_bound=self.depth_bound)
         self.clock.lap("verify_s")
         return v
 

@@ -147,11 +147,12 @@ class TreeInputs:
 
 
 def _tree_inputs(target, trees: list[Tree], parents: torch.Tensor, depths: torch.Tensor, cache, rows: CacheRows,
-                 mask_out: torch.Tensor | None, compile_config) -> TreeInputs:
+                 mask_out: torch.Tensor | None, compile_config, depth_bound: int | None = None) -> TreeInputs:
     """`tree_inputs` (compiled when compile_config is given) for B stacked trees, the mask shaped as the
-    target takes it. ONE host-to-device copy: the layout (`cache.layout_tensor`)."""
+    target takes it. ONE host-to-device copy: the layout (`cache.layout_tensor`). depth_bound: a depth no tree of
+    the call exceeds, used instead of this round's deepest (one static depth: one compiled graph for all rounds)."""
     n = trees[0].size
-    max_depth = max(t.max_depth for t in trees)
+    max_depth = max(max(t.max_depth for t in trees), min(depth_bound or 0, n - 1))
     at = layout_tensor(rows, [t.size - t.pad for t in trees], depths.device)  # (3, B)
     windows, linear = _mask_layout_of(target)
     visibility, position_ids, masks = compiled_function(tree_inputs, compile_config)(
@@ -205,7 +206,8 @@ def verify_tree(target, tree: Tree, cache, past_len: int, hidden_indices: list[i
 
 def verify_trees(target, trees: list[Tree], cache, rows: CacheRows, hidden_indices: list[int] | None,
                  logits_processor, prefixes: list[torch.Tensor], do_sample: bool,
-                 mask_out: torch.Tensor | None = None, accept=None, forward=None, compile_config=None) -> Verified:
+                 mask_out: torch.Tensor | None = None, accept=None, forward=None, compile_config=None,
+                 depth_bound: int | None = None) -> Verified:
     """A round's verification of B rows: `run_trees` (one forward), the processors by depth
     (`process_scores`) and the accept walk (`accept_paths`), all on the device, no host read.
     prefixes[b]: (1, L_b) row b's committed ids ending with its root (what stock generate() would
@@ -215,9 +217,11 @@ def verify_trees(target, trees: list[Tree], cache, rows: CacheRows, hidden_indic
     `(trees, tokens, parents, visibility, depths, scores, do_sample, max_depth) -> (paths, counts,
     next tokens, packed)`: `accept_on_device` (the default) or `accept_on_host`; tensor-parallel
     targets wrap it to walk on the leader and broadcast. forward: see `run_trees`. compile_config: the
-    tree inputs (`tree_inputs`) run compiled (`compat.compiled_function`); None: eagerly."""
+    tree inputs (`tree_inputs`) run compiled (`compat.compiled_function`); None: eagerly. depth_bound: a depth
+    no tree of the call exceeds, given to the tree inputs and the walk instead of this round's deepest (fixed
+    shapes for compiled pieces; paths then have min(depth_bound, N - 1) + 1 entries)."""
     tokens, parents, depths = _stack_trees(trees, target.device)  # (B, N) each
-    inputs = _tree_inputs(target, trees, parents, depths, cache, rows, mask_out, compile_config)
+    inputs = _tree_inputs(target, trees, parents, depths, cache, rows, mask_out, compile_config, depth_bound)
     raw, features, states = _forward_trees(target, tokens, inputs, cache, hidden_indices, forward)
     visibility = inputs.visibility
     scores = raw.float() if not logits_processor else torch.stack([
