@@ -23,8 +23,8 @@ from transformers.generation.stopping_criteria import (EosTokenCriteria, MaxLeng
                                                        StoppingCriteriaList)
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
-from .cache import (CacheRows, adopt_cache, commit_linear_states, compact, loop_cache_kind, make_cache, mask_width,
-                    move_paths, select_rows, set_lengths)
+from .cache import (CacheRows, adopt_cache, commit_linear_states, compact, loop_cache_kind, make_cache, mask_layout,
+                    mask_width, move_paths, select_rows, set_lengths)
 from .compat import (CACHE_FIELD, cache_from_kwargs, cache_kwargs, compile_config_of, compile_requested, compiled_call,
                      gather_features, hidden_states_request)
 from .distributed import check_tensor_parallel, leader_accept, leader_tree, leader_token
@@ -639,6 +639,10 @@ class _Decode:
     do_sample: bool = False
     device: torch.device | None = None  # the input ids' device: the loop's own tensors go there
     depth_bound: int | None = None  # compiled pieces: the deepest node any tree of the call can have (one static depth)
+    masks_of: tuple | None = None  # the target's `cache.mask_layout` (its layer types' windows), read once a call
+
+    def __post_init__(self):
+        self.masks_of = mask_layout(self.model.config)
     mask_out: torch.Tensor | None = None  # with padding and a static cache every verify has one shape: one mask buffer
 
     def retire(self) -> bool:
@@ -705,7 +709,7 @@ class _Decode:
         procs = self.procs if self.rows.B == 1 else tuple(self.procs[b] for b in self.active)
         v = verify_trees(model, trees, cache, self.layout, self.hidden_idx, procs, self.rows.prefixes(self.active),
                          self.do_sample, self.mask_out, accept=self.accept_fn, forward=self.forward,
-                         compile_config=self.compile_config, depth_bound=self.depth_bound)
+                         compile_config=self.compile_config, depth_bound=self.depth_bound, masks_of=self.masks_of)
         self.clock.lap("verify_s")
         return v
 

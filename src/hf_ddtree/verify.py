@@ -147,27 +147,20 @@ class TreeInputs:
 
 
 def _tree_inputs(target, trees: list[Tree], parents: torch.Tensor, depths: torch.Tensor, cache, rows: CacheRows,
-                 mask_out: torch.Tensor | None, compile_config, depth_bound: int | None = None) -> TreeInputs:
+                 mask_out: torch.Tensor | None, compile_config, depth_bound: int | None = None,
+                 masks_of=None) -> TreeInputs:
     """`tree_inputs` (compiled when compile_config is given) for B stacked trees, the mask shaped as the
     target takes it. ONE host-to-device copy: the layout (`cache.layout_tensor`). depth_bound: a depth no tree of
-    the call exceeds, used instead of this round's deepest (one static depth: one compiled graph for all rounds)."""
+    the call exceeds, used instead of this round's deepest (one static depth: one compiled graph for all rounds).
+    masks_of: `cache.mask_layout(target.config)` when the caller already has it (the loop reads it once a call)."""
     n = trees[0].size
     max_depth = max(max(t.max_depth for t in trees), min(depth_bound or 0, n - 1))
     at = layout_tensor(rows, [t.size - t.pad for t in trees], depths.device)  # (3, B)
-    windows, linear = _mask_layout_of(target)
+    windows, linear = masks_of if masks_of is not None else mask_layout(target.config)
     visibility, position_ids, masks = compiled_function(tree_inputs, compile_config)(
         parents, depths, at, max_depth=max_depth, kv_len=mask_width(cache, rows.write_at, n), dtype=target.dtype,
         windows=windows, out=mask_out)
     return TreeInputs(visibility, depths, position_ids, shape_masks(masks, windows, linear), at, max_depth)
-
-
-def _mask_layout_of(target):
-    """`cache.mask_layout(target.config)`, worked out once per target (it reads the config's layer types)."""
-    memo = target.__dict__.get("_hf_ddtree_mask_layout")
-    if memo is None or memo[0] is not target.config:
-        memo = (target.config, mask_layout(target.config))
-        target.__dict__["_hf_ddtree_mask_layout"] = memo
-    return memo[1]
 
 
 def _forward_trees(target, tokens: torch.Tensor, inputs: TreeInputs, cache, hidden_indices, forward):
@@ -207,7 +200,7 @@ def verify_tree(target, tree: Tree, cache, past_len: int, hidden_indices: list[i
 def verify_trees(target, trees: list[Tree], cache, rows: CacheRows, hidden_indices: list[int] | None,
                  logits_processor, prefixes: list[torch.Tensor], do_sample: bool,
                  mask_out: torch.Tensor | None = None, accept=None, forward=None, compile_config=None,
-                 depth_bound: int | None = None) -> Verified:
+                 depth_bound: int | None = None, masks_of=None) -> Verified:
     """A round's verification of B rows: `run_trees` (one forward), the processors by depth
     (`process_scores`) and the accept walk (`accept_paths`), all on the device, no host read.
     prefixes[b]: (1, L_b) row b's committed ids ending with its root (what stock generate() would
@@ -219,9 +212,10 @@ def verify_trees(target, trees: list[Tree], cache, rows: CacheRows, hidden_indic
     targets wrap it to walk on the leader and broadcast. forward: see `run_trees`. compile_config: the
     tree inputs (`tree_inputs`) run compiled (`compat.compiled_function`); None: eagerly. depth_bound: a depth
     no tree of the call exceeds, given to the tree inputs and the walk instead of this round's deepest (fixed
-    shapes for compiled pieces; paths then have min(depth_bound, N - 1) + 1 entries)."""
+    shapes for compiled pieces; paths then have min(depth_bound, N - 1) + 1 entries). masks_of: the target's
+    `cache.mask_layout`, when the caller has read it already (else read here)."""
     tokens, parents, depths = _stack_trees(trees, target.device)  # (B, N) each
-    inputs = _tree_inputs(target, trees, parents, depths, cache, rows, mask_out, compile_config, depth_bound)
+    inputs = _tree_inputs(target, trees, parents, depths, cache, rows, mask_out, compile_config, depth_bound, masks_of)
     raw, features, states = _forward_trees(target, tokens, inputs, cache, hidden_indices, forward)
     visibility = inputs.visibility
     scores = raw.float() if not logits_processor else torch.stack([
