@@ -273,9 +273,10 @@ def test_the_round_compiles_fullgraph():
 def test_the_loop_pieces_compile_fullgraph_and_equal_the_host_built_masks():
     """What the loop compiles (`compat.compiled_function`): `tree_inputs` (ancestor matrices, positions, the full
     and a sliding-window mask) for a ragged, padded batch on the layout tensor equals the masks built from host
-    ints (`cache.tree_attention_masks_rows`), and `move_path_kv` (every layer's path moves in one graph) equals
-    the per-layer moves; both compiled with inductor, fullgraph, and equal eager."""
-    from hf_ddtree.cache import CacheRows, layout_tensor, move_kv, move_path_kv, path_moves, tree_attention_masks_rows
+    ints (`cache.tree_attention_mask_rows`, `cache.sliding_window_mask_rows`), and `move_path_kv` (every layer's
+    path moves in one graph) equals the per-layer moves; both compiled with inductor, fullgraph, and equal eager."""
+    from hf_ddtree.cache import (CacheRows, layout_tensor, move_kv, move_path_kv, path_moves, sliding_window_mask_rows,
+                                 tree_attention_mask_rows)
     from hf_ddtree.tree import ancestor_matrices
     from hf_ddtree.verify import tree_inputs
 
@@ -298,9 +299,8 @@ def test_the_loop_pieces_compile_fullgraph_and_equal_the_host_built_masks():
     assert torch.equal(eager[0], vis) and torch.equal(got[0], vis)
     positions = torch.tensor(rows.positions)[:, None] + depths
     assert torch.equal(eager[1], positions) and torch.equal(got[1], positions)
-    cfg = build_target("qwen3", "sdpa").config
-    cfg.layer_types, cfg.sliding_window = ["full_attention", "sliding_attention", "full_attention"], 3
-    want = tree_attention_masks_rows(cfg, vis, depths, rows, 30, torch.float32, "cpu", num_real=num_real)
+    full = tree_attention_mask_rows(vis, rows, 30, torch.float32, "cpu", num_real=num_real)
+    want = {"full_attention": full, "sliding_attention": sliding_window_mask_rows(full, depths, rows, 3)}
     for i, (kind, _) in enumerate(windows):
         assert torch.equal(eager[2][i], want[kind]) and torch.equal(got[2][i], want[kind]), kind
     assert not torch.equal(want["full_attention"], want["sliding_attention"])  # the window does cut something

@@ -2,7 +2,7 @@
 max_window_layers < layers), Gemma 2 and Gemma 3 text.
 
 hf_ddtree keeps one full-length cache for every layer and puts each layer type's window in that
-layer type's mask (see cache.attention_windows / tree_attention_masks). Checked here:
+layer type's mask (see cache.attention_windows / cache.mask_layout / verify.tree_inputs). Checked here:
   * the sliding mask of a chain equals transformers' own sliding mask (the convention),
   * every node of a tree forward (deeper than the window) has the logits of a plain full forward
     over prompt + its path, before and after compaction (the masks, directly),

@@ -115,7 +115,7 @@ def attention_windows(config) -> dict[str, int | None]:
 
 def make_cache(target, kind: str, max_cache_len: int):
     """A fresh target cache with one full-length layer per decoder layer, also for sliding-window
-    and hybrid targets (their windows live in the masks, see `tree_attention_masks`).
+    and hybrid targets (their windows live in the masks, see `mask_layout` and `verify.tree_inputs`).
     `max_cache_len` must cover prompt + new tokens + 1 + tree nodes."""
     if kind not in CACHE_KINDS:
         raise ValueError(
@@ -357,35 +357,6 @@ def sliding_window_core(mask: torch.Tensor, depths: torch.Tensor, at: torch.Tens
     k_pos = torch.where(((rel >= 0) & (rel < n))[None], tree_pos, k_pos)
     outside = k_pos[:, None, :] <= (q_pos[:, :, None] - window)  # (B, n, kv_len)
     return mask.masked_fill(outside[:, None], torch.finfo(mask.dtype).min)
-
-
-def tree_attention_masks(config, visibility: torch.Tensor, depths: torch.Tensor, past_len: int, kv_len: int,
-                         dtype: torch.dtype, device: torch.device, *, num_real: int | None = None,
-                         out: torch.Tensor | None = None):
-    """The `attention_mask=` of a one-row tree forward (see `tree_attention_masks_rows`).
-
-    visibility: (N, N) bool, node i sees node j; depths: (N,) depth of each node (root = 0).
-    """
-    real = None if num_real is None else [int(num_real)]
-    return tree_attention_masks_rows(config, visibility[None], depths[None], CacheRows.single(past_len), kv_len,
-                                     dtype, device, num_real=real, out=out)
-
-
-def tree_attention_masks_rows(config, visibility: torch.Tensor, depths: torch.Tensor, rows: CacheRows, kv_len: int,
-                              dtype: torch.dtype, device: torch.device, *, num_real: torch.Tensor | None = None,
-                              out: torch.Tensor | None = None):
-    """The `attention_mask=` of a batched tree forward: the (B, 1, N, kv_len) mask when every layer
-    has the same window, else {layer type: its mask} (what hybrid models like Gemma 2/3 take).
-
-    visibility: (B, N, N) bool; depths: (B, N) depth of each node (root = 0); rows: the cache layout.
-    num_real / out: as in `tree_attention_mask_rows` (padding nodes; a preallocated buffer for the
-    full-attention mask).
-    """
-    at = layout_tensor(rows, num_real, device)
-    mask = tree_mask_core(visibility.to(device), at, kv_len, dtype, out=out, padded=num_real is not None)
-    windows, linear = mask_layout(config)
-    return shape_masks([mask if w is None else sliding_window_core(mask, depths.to(device), at, w) for _, w in windows],
-                       windows, linear)
 
 
 def mask_layout(config) -> tuple[tuple[tuple[str, int | None], ...], bool]:

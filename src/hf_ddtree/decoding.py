@@ -639,7 +639,7 @@ class _Decode:
     do_sample: bool = False
     device: torch.device | None = None  # the input ids' device: the loop's own tensors go there
     depth_bound: int | None = None  # compiled pieces: the deepest node any tree of the call can have (one static depth)
-    masks_of: tuple | None = None  # the target's `cache.mask_layout` (its layer types' windows), read once a call
+    masks_of: tuple = field(init=False)  # the target's `cache.mask_layout` (its layer types' windows), read once a call
 
     def __post_init__(self):
         self.masks_of = mask_layout(self.model.config)
