@@ -103,7 +103,7 @@ def test_one_verify_graph_no_recompiles_across_rounds():
     prompts = [torch.randint(0, 60, (1, 12), generator=gen) for _ in range(2)]
     counter = GraphCounter()
     cc = all_devices(backend=counter.backend)
-    kw = dict(assistant_model=drafter, tree_budget=8, max_new_tokens=40, do_sample=False,
+    kw = dict(assistant_model=drafter, tree_budget=8, max_new_tokens=40, do_sample=False, device_round=True,
               cache_implementation="static", compile_config=cc, return_dict_in_generate=True)
     out = target.generate(prompts[0], **kw)
     rounds = len(out.acceptance_lengths)

@@ -194,6 +194,65 @@ def test_move_paths_then_set_lengths_equals_compact_rows():
                 assert torch.equal(a.keys[r, :, :n], b.keys[r, :, :n]) and torch.equal(a.values[r, :, :n], b.values[r, :, :n])
 
 
+def test_the_kv_arena_moves_and_selects_every_layer_like_the_per_layer_ops():
+    """`cache.make_kv_arena`: every layer's K/V become views of one tensor; path moves (`compact_rows`, `move_paths`)
+    and row selection (`select_rows`) through it equal the per-layer ops on a twin cache, later forwards write into
+    it, and replacing a layer's tensors retires it (the per-layer ops take over)."""
+    target = build_target("qwen3", "sdpa")
+    caches = []
+    for arena in (False, True):
+        c = cache_mod.make_cache(target, "static", 64)
+        torch.manual_seed(0)
+        target(input_ids=torch.randint(0, 60, (3, 20)), **cache_kwargs(target, c), use_cache=True)
+        if arena:
+            assert cache_mod.make_kv_arena(c) and cache_mod.kv_arena(c) is not None
+            held = cache_mod.kv_arena(c)
+            assert all(layer.keys.data_ptr() == held[0, i].data_ptr() and layer.values.data_ptr() == held[1, i].data_ptr()
+                       for i, layer in enumerate(cache_mod.kv_layers(c)))
+        target(input_ids=torch.randint(0, 60, (3, 6)), **cache_kwargs(target, c), use_cache=True)  # the "trees"
+        caches.append(c)
+
+    def same(rows):
+        for a, b in zip(cache_mod.kv_layers(caches[0]), cache_mod.kv_layers(caches[1])):
+            for r, n in enumerate(rows.length):
+                assert torch.equal(a.keys[r, :, :n], b.keys[r, :, :n]) and torch.equal(a.values[r, :, :n], b.values[r, :, :n])
+
+    rows = cache_mod.CacheRows([0, 3, 0], [16, 20, 18])
+    got = [cache_mod.compact_rows(c, rows, [[0, 2, 5], [0, 1], [0, 3]]) for c in caches]
+    assert got[0] == got[1]
+    same(got[0])
+    rows = got[0]
+    torch.manual_seed(1)
+    ids = torch.randint(0, 60, (3, 4))
+    for c in caches:  # another round, moved the device round's way
+        target(input_ids=ids, **cache_kwargs(target, c), use_cache=True)
+        cache_mod.move_paths(c, rows, torch.tensor([[0, 1, 3], [0, 2, 0], [0, 0, 0]]))
+    rows = cache_mod.set_lengths(caches[0], rows, [3, 2, 1])
+    cache_mod.set_lengths(caches[1], got[0], [3, 2, 1])
+    same(rows)
+    kept = [cache_mod.select_rows(c, [2, 0], rows) for c in caches]  # the middle row finished
+    assert kept[0] == kept[1] and cache_mod.kv_arena(caches[1]) is not None
+    assert cache_mod.kv_arena(caches[1]).shape[2] == 2
+    same(kept[0])
+    layer = cache_mod.kv_layers(caches[1])[0]
+    layer.keys = layer.keys.clone()  # a layer's tensors replaced: the arena no longer holds the cache
+    assert cache_mod.kv_arena(caches[1]) is None
+    last = [cache_mod.compact_rows(c, kept[0], [[0, 2], [0, 1]]) for c in caches]
+    assert last[0] == last[1]
+    same(last[0])
+
+    caches = []  # one row: the arena's moves are a gather and a copy along the slots
+    for arena in (False, True):
+        c = cache_mod.make_cache(target, "static", 64)
+        torch.manual_seed(2)
+        target(input_ids=torch.randint(0, 60, (1, 26)), **cache_kwargs(target, c), use_cache=True)
+        assert not arena or cache_mod.make_kv_arena(c)
+        caches.append(c)
+    got = [cache_mod.compact_rows(c, cache_mod.CacheRows([0], [20]), [[0, 1, 3, 5]]) for c in caches]
+    assert got[0] == got[1] == cache_mod.CacheRows([0], [24])
+    same(got[0])
+
+
 @pytest.fixture(scope="module")
 def pair():
     target = build_target("qwen3", "sdpa", layers=4)
@@ -315,6 +374,58 @@ def test_the_loop_pieces_compile_fullgraph_and_equal_the_host_built_masks():
         assert torch.equal(k, rk) and torch.equal(v, rv)
     # the moves land where compact_rows puts them: row b's path at slots [length[b], + P)
     assert torch.equal(path_moves(paths, at)[2], torch.tensor([10, 11, 12, 13, 14, 15, 16, 17]))
+
+
+def test_lineage_matrices_equal_the_ancestor_matrices():
+    """Trees the host builds carry each node's lineage (`Tree.lineage`); the eager round's visibility from it
+    (`tree.lineage_matrices`, one write) equals `ancestor_matrices` from the parents: heap trees of several
+    depths, a truncated one (CaDDTree), a chain, a merged lookup tree, padded to one size, B = 1 and 4."""
+    from hf_ddtree.tree import ancestor_matrices, build_chain, lineage_matrices, merge_paths, tree_paths
+
+    g = torch.Generator().manual_seed(0)
+    trees = [build_tree(1, *topk_per_position(torch.log_softmax(torch.randn(6, 20, generator=g) * t, -1), 5), n)
+             for t, n in ((1.0, 12), (4.0, 9), (8.0, 12))]
+    trees.append(trees[0].truncate(5))
+    trees.append(build_chain(1, torch.tensor([3, 4, 5, 6])))
+    trees.append(merge_paths(1, tree_paths(trees[1]) + [([7, 8, 9], [-0.1, -0.2, -0.3])], 11))
+    assert all(t.lineage is not None for t in trees) and max(t.max_depth for t in trees) >= 4
+    size = max(t.size for t in trees) + 2
+    padded = [t.pad_to(size) for t in trees]
+    want = ancestor_matrices(torch.stack([t.parents for t in padded]), max(t.max_depth for t in padded))
+    assert torch.equal(lineage_matrices([t.lineage for t in padded], size), want)
+    for i, t in enumerate(padded):
+        assert torch.equal(lineage_matrices([t.lineage], size)[0], want[i])
+
+
+@pytest.mark.parametrize("layout", [([0], [10], 40), ([0], [10], 18), ([0, 3], [10, 14], 30), ([2, 0, 0], [2, 7, 12], 25)],
+                         ids=["one-row-static", "one-row-dynamic", "ragged-padded", "empty-row"])
+def test_the_eager_mask_from_host_ints_equals_the_tensor_core(layout):
+    """The eager round writes its mask from the layout's host ints (`cache.tree_mask_from_layout`): the same
+    values as the tensor core that compiles (`cache.tree_mask_core`), padded and unpadded trees, ragged rows, a row
+    with no live slot, a kv_len past the tree (a static cache) or ending with it (a dynamic one), into a dirty
+    buffer too."""
+    from hf_ddtree.cache import CacheRows, layout_tensor, tree_mask_core, tree_mask_from_layout
+    from hf_ddtree.tree import ancestor_matrices
+
+    start, length, kv_len = layout
+    rows = CacheRows(start, length)
+    g = torch.Generator().manual_seed(len(start))
+    trees = [build_tree(1, *topk_per_position(torch.log_softmax(torch.randn(4, 9, generator=g), -1), 3), n)
+             for n in (5, 3, 6)[:len(start)]]
+    size = kv_len - rows.write_at
+    for padded in (False, True):
+        ts = [t.pad_to(size) for t in trees] if padded else [t.pad_to(max(t.size for t in trees)) for t in trees]
+        num_real = [t.size - t.pad for t in ts] if padded else [t.size for t in ts]
+        vis = ancestor_matrices(torch.stack([t.parents for t in ts]), max(t.max_depth for t in ts))
+        n = vis.shape[1]
+        width = kv_len if padded else rows.write_at + n
+        want = tree_mask_core(vis, layout_tensor(rows, num_real, "cpu"), width, torch.float32)
+        got = tree_mask_from_layout(vis, rows, num_real, width, torch.float32)
+        assert torch.equal(got, want)
+        dirty = torch.randn(len(start), 1, n, width)
+        assert tree_mask_from_layout(vis, rows, num_real, width, torch.float32, out=dirty) is dirty
+        assert torch.equal(dirty, want)
+        assert (want == 0).any() and (want < 0).any()
 
 
 @pytest.mark.parametrize("B", [1, 3])

@@ -327,6 +327,24 @@ def tree_mask_core(visibility: torch.Tensor, at: torch.Tensor, kv_len: int, dtyp
     return out
 
 
+def tree_mask_from_layout(visibility: torch.Tensor, rows: CacheRows, num_real: list[int], kv_len: int,
+                          dtype: torch.dtype, *, out: torch.Tensor | None = None) -> torch.Tensor:
+    """`tree_mask_core`'s mask (B, 1, N, kv_len) written with the layout's host ints instead of computed from
+    its tensor: everything hidden, then each row's tree block from `visibility` and its live cache slots
+    [start[b], length[b]) opened for its real nodes (num_real[b] of them). About 2B + 4 small ops instead of
+    the core's ~20 over (B, N, kv_len) elements: the eager round's mask (the core is what compiles, at a
+    fixed shape, with the layout as data). visibility (B, N, N) bool; out: an optional buffer to fill."""
+    B, n, _ = visibility.shape
+    w = rows.write_at
+    mask = out if out is not None else torch.empty(B, 1, n, kv_len, dtype=dtype, device=visibility.device)
+    mask.fill_(torch.finfo(dtype).min)
+    mask[:, 0, :, w:w + n].masked_fill_(visibility, 0)  # the tree: itself and its ancestors
+    for b, (s, length, real) in enumerate(zip(rows.start, rows.length, num_real)):
+        if length > s and real > 0:
+            mask[b, 0, :real, s:length] = 0  # the row's live cache, for its real nodes (padding sees only itself)
+    return mask
+
+
 def sliding_window_mask(mask: torch.Tensor, depths: torch.Tensor, past_len: int, window: int) -> torch.Tensor:
     """`mask` (1, 1, n, kv_len) from `tree_attention_mask`, further restricted to a sliding window
     (the one-row case of `sliding_window_mask_rows`)."""
@@ -408,12 +426,19 @@ def compact_rows(cache, rows: CacheRows, keep: list[torch.Tensor] | list[list[in
     Only the kept entries move (O(accepted) per row). Returns the new layout."""
     keep = [k.tolist() if isinstance(k, torch.Tensor) else list(k) for k in keep]
     w = rows.write_at
-    row_idx = [b for b, k in enumerate(keep) for _ in k]
-    src = [i + w for k in keep for i in k]
-    dst = [rows.length[b] + j for b, k in enumerate(keep) for j in range(len(k))]
-    if src != dst:  # decided on the host: no device sync per layer
-        _move(cache, torch.tensor([row_idx, src, dst], dtype=torch.long))
+    # only the entries not already in place move (decided on the host: no device sync per layer); a path that
+    # runs down the tree's first nodes in order, and every root-only round of one row, moves nothing
+    moves = [(b, w + i, rows.length[b] + j) for b, k in enumerate(keep) for j, i in enumerate(k)
+             if w + i != rows.length[b] + j]
+    if moves:
+        _move(cache, torch.tensor([[m[0] for m in moves], [m[1] for m in moves], [m[2] for m in moves]]))  # (3, M)
     return set_lengths(cache, rows, [len(k) for k in keep])
+
+
+def kept_in_place(rows: CacheRows, keep: list[list[int]]) -> bool:
+    """Whether `compact_rows(cache, rows, keep)` would move nothing: every kept node already sits at its slot."""
+    w = rows.write_at
+    return all(w + i == rows.length[b] + j for b, k in enumerate(keep) for j, i in enumerate(k))
 
 
 def move_paths(cache, rows: CacheRows, paths: torch.Tensor, at: torch.Tensor | None = None, compile_config=None) -> None:
@@ -463,9 +488,68 @@ def set_lengths(cache, rows: CacheRows, counts: list[int]) -> CacheRows:
     return new
 
 
+ARENA = "_hf_ddtree_kv_arena"  # the cache attribute holding (arena, the layers' data pointers when it was made)
+
+
+def make_kv_arena(cache) -> bool:
+    """Put every key/value layer of a static cache into ONE tensor (2, L, B, H, S, D), each layer's keys and
+    values becoming views of it (`StaticLayer.update` writes into them in place, as before), so compacting a
+    round's path is one gather and one write for all layers (`_move`) instead of four ops per layer: 4L launches
+    fewer per round on an accelerator, and the eager CPU round's path moves ~L times cheaper. Done once, after
+    the prefill initialized the layers; the copy needs a second K/V's room for a moment, so on CUDA the arena is
+    made only when the device has it free (on the CPU always; other accelerators: not). Returns whether the cache has an arena (cleared when a layer's
+    tensors are replaced: `select_rows`, a grown cache). Eager rounds only: a compiled forward would see the
+    layers as aliased inputs (its path moves are one graph anyway, `move_path_kv`)."""
+    layers = kv_layers(cache)
+    if kv_arena(cache) is not None:
+        return True
+    if not layers or not all(type(layer) is StaticLayer and getattr(layer, "keys", None) is not None for layer in layers):
+        return False
+    k0 = layers[0].keys
+    if any(t.shape != k0.shape or t.dtype != k0.dtype or t.device != k0.device
+           for layer in layers for t in (layer.keys, layer.values)):
+        return False
+    if k0.device.type == "cuda":
+        if torch.cuda.mem_get_info(k0.device)[0] < 1.1 * 2 * len(layers) * k0.nbytes:
+            return False
+    elif k0.device.type != "cpu":  # no free-memory query here: keep the layers as they are
+        return False
+    arena = torch.empty((2, len(layers), *k0.shape), dtype=k0.dtype, device=k0.device)
+    for i, layer in enumerate(layers):
+        arena[0, i].copy_(layer.keys)
+        arena[1, i].copy_(layer.values)
+        layer.keys, layer.values = arena[0, i], arena[1, i]
+    setattr(cache, ARENA, (arena, _data_ptrs(layers)))
+    return True
+
+
+def kv_arena(cache) -> torch.Tensor | None:
+    """The cache's K/V arena (`make_kv_arena`) while every layer still lives in it, else None."""
+    held = getattr(cache, ARENA, None)
+    if held is None:
+        return None
+    if _data_ptrs(kv_layers(cache)) != held[1]:  # a layer's tensors were replaced since
+        setattr(cache, ARENA, None)
+        return None
+    return held[0]
+
+
+def _data_ptrs(layers) -> list[int]:
+    return [t.data_ptr() for layer in layers for t in (layer.keys, layer.values)]
+
+
 def _move(cache, index: torch.Tensor) -> None:
     """index: (3, M) long rows (batch row, source slot, destination slot), moved to each layer's
-    device once per device (not per layer)."""
+    device once per device (not per layer); with a K/V arena (`make_kv_arena`), every layer at once."""
+    arena = kv_arena(cache)
+    if arena is not None:  # (2, L, B, H, S, D): the right side is gathered first, overlapping moves are safe
+        index = to_device(index, arena.device)
+        if arena.shape[2] == 1:  # one row: a plain gather and copy along the slots (cheaper than advanced indexing)
+            rows = arena.select(2, 0)  # (2, L, H, S, D)
+            rows.index_copy_(3, index[2], rows.index_select(3, index[1]))
+        else:
+            arena[:, :, index[0], :, index[2]] = arena[:, :, index[0], :, index[1]]
+        return
     on: dict[torch.device, torch.Tensor] = {}
     for layer in kv_layers(cache):
         dev = layer.keys.device
@@ -490,6 +574,12 @@ def select_rows(cache, rows: list[int], layout: CacheRows) -> CacheRows:
     new = layout.select(rows)
     on: dict[torch.device, torch.Tensor] = {}
     end = new.write_at
+    arena = kv_arena(cache)
+    if arena is not None:  # one selection for every layer, which stay views of the (smaller) arena
+        arena = arena[:, :, to_device(idx, arena.device)]
+        for i, layer in enumerate(kv_layers(cache)):
+            layer.keys, layer.values = arena[0, i], arena[1, i]
+        setattr(cache, ARENA, (arena, _data_ptrs(kv_layers(cache))))
     for layer in cache.layers:
         if isinstance(layer, LinearAttentionLayer):
             for states in (layer.conv_states, layer.recurrent_states):
@@ -499,11 +589,12 @@ def select_rows(cache, rows: list[int], layout: CacheRows) -> CacheRows:
             continue
         if getattr(layer, "keys", None) is None or layer.keys.numel() == 0:
             continue
-        dev = layer.keys.device
-        if dev not in on:
-            on[dev] = to_device(idx, dev)
-        layer.keys = layer.keys[on[dev]]
-        layer.values = layer.values[on[dev]]
+        if arena is None:
+            dev = layer.keys.device
+            if dev not in on:
+                on[dev] = to_device(idx, dev)
+            layer.keys = layer.keys[on[dev]]
+            layer.values = layer.values[on[dev]]
         if isinstance(layer, StaticLayer):
             layer.batch_size = len(rows)
         _set_length(layer, end, "select rows of")

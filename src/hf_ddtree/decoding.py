@@ -23,8 +23,8 @@ from transformers.generation.stopping_criteria import (EosTokenCriteria, MaxLeng
                                                        StoppingCriteriaList)
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
-from .cache import (CacheRows, adopt_cache, commit_linear_states, compact, loop_cache_kind, make_cache, mask_layout,
-                    mask_width, move_paths, select_rows, set_lengths)
+from .cache import (CacheRows, adopt_cache, commit_linear_states, compact, compact_rows, loop_cache_kind, make_cache,
+                    kept_in_place, make_kv_arena, mask_layout, mask_width, move_paths, select_rows, set_lengths)
 from .compat import (CACHE_FIELD, cache_from_kwargs, cache_kwargs, compile_config_of, compile_requested, compiled_call,
                      gather_features, hidden_states_request)
 from .distributed import check_tensor_parallel, leader_accept, leader_tree, leader_token
@@ -312,6 +312,8 @@ def speculative_decoding(
     layout, context, context_lengths = _prefill(model, cache, input_ids, embeds, attn if padded else None, held, offset,
                                                 left_pad, hidden_idx, logits_processor, do_sample, tp, rows)
     clock.lap("prefill_s")
+    if compile_config is None and getattr(cache, "_hf_ddtree_made", False):
+        make_kv_arena(cache)  # a cache of ours, eager: every layer's K/V in one tensor, a round's moves one op
 
     if device_round is None and os.environ.get("HF_DDTREE_DEVICE_ROUND"):
         device_round = os.environ["HF_DDTREE_DEVICE_ROUND"] not in ("0", "false", "False")
@@ -347,7 +349,8 @@ def speculative_decoding(
                    # (`compat.compiled_function`): the tree inputs (ancestor matrices, positions, masks) and every layer's
                    # path moves; on the device round also the tree build (beam, `make_proposer`) and the accept walk
                    plans=plans, tp=tp, pad_tree=pad_tree, compile_config=compile_config, accept_fn=accept,
-                   forward=forward, procs=procs, hidden_idx=hidden_idx, do_sample=do_sample, depth_bound=depth_bound)
+                   forward=forward, procs=procs, hidden_idx=hidden_idx, do_sample=do_sample, depth_bound=depth_bound,
+                   host_way=not on_device)
 
     while loop.retire():  # finished rows leave the cache, the drafter and the proposer; none left: done
         rnd = loop.round_inputs()  # right-aligned ids on the device, host copies of the text
@@ -552,6 +555,10 @@ class _Rows:
         """Write the tokens committed since the last flush into `buf` (one host-to-device copy)."""
         if not self._pending:
             return
+        if len(self._pending) == 1:  # one row's run of tokens (every round of one row): a slice copy
+            (b, start, toks), self._pending = self._pending[0], []
+            self.buf[b, start:start + len(toks)] = host_tensor(toks, self.device)
+            return
         idx = [(b, start + j, t) for b, start, toks in self._pending for j, t in enumerate(toks)]
         self._pending = []
         at = host_tensor(idx, self.device).T  # (3, M): row, slot, token
@@ -638,6 +645,7 @@ class _Decode:
     hidden_idx: list[int] | None = None
     do_sample: bool = False
     device: torch.device | None = None  # the input ids' device: the loop's own tensors go there
+    host_way: bool = False  # the host heap and walk (the device is the host): host-decided path moves
     depth_bound: int | None = None  # compiled pieces: the deepest node any tree of the call can have (one static depth)
     masks_of: tuple = field(init=False)  # the target's `cache.mask_layout` (its layer types' windows), read once a call
 
@@ -707,36 +715,56 @@ class _Decode:
         if self.pad_tree and isinstance(cache, StaticCache) and self.mask_out is None:
             self.mask_out = torch.empty(B, 1, size, mask_width(cache, 0, size), dtype=model.dtype, device=self.device)
         procs = self.procs if self.rows.B == 1 else tuple(self.procs[b] for b in self.active)
-        v = verify_trees(model, trees, cache, self.layout, self.hidden_idx, procs, self.rows.prefixes(self.active),
-                         self.do_sample, self.mask_out, accept=self.accept_fn, forward=self.forward,
-                         compile_config=self.compile_config, depth_bound=self.depth_bound, masks_of=self.masks_of)
+        prefixes = self.rows.prefixes(self.active) if procs else None  # what the processors see
+        v = verify_trees(model, trees, cache, self.layout, self.hidden_idx, procs, prefixes, self.do_sample,
+                         self.mask_out, accept=self.accept_fn, forward=self.forward, compile_config=self.compile_config,
+                         depth_bound=self.depth_bound, masks_of=self.masks_of)
         self.clock.lap("verify_s")
         return v
 
     def accept(self, v, trees: list[Tree], drafted: bool) -> None:
         """Keep each row's accepted path: its K/V moved on the device, then the round's ONE host read (counts and
         tokens) for the layout, the observers (proposer, CaDDTree), the drafter's next context and the commit
-        (stopping criteria, streamer, output); a hybrid target's linear states become the kept path's."""
+        (stopping criteria, streamer, output); a hybrid target's linear states become the kept path's. The host way
+        (the device is the host) reads first and moves only the path entries not already in place."""
         cache, rows, stats = self.cache, self.rows, self.stats
-        move_paths(cache, self.layout, v.paths, v.at, self.compile_config)
-        new_context = v.features.gather(1, v.paths[..., None].expand(-1, -1, v.features.shape[-1]))  # (B, P, F)
-        committed = unpack(v.packed.tolist())  # the host's one read: per row (accepted count, tokens)
-        counts = [c for c, _ in committed]
-        self.layout = set_lengths(cache, self.layout, [c + 1 for c in counts])
+        F = v.features.shape[-1]
+        if self.host_way:  # the device is the host: its paths are host data, and only entries not in place move
+            committed = unpack(v.packed.tolist())  # per row (accepted count, tokens)
+            counts = [c for c, _ in committed]
+            keep = [path[:c + 1] for path, c in zip(v.paths.tolist(), counts)]
+            if self.compile_config is not None and not kept_in_place(self.layout, keep):
+                move_paths(cache, self.layout, v.paths, v.at, self.compile_config)  # one compiled call, every layer
+                self.layout = set_lengths(cache, self.layout, [c + 1 for c in counts])
+            else:
+                self.layout = compact_rows(cache, self.layout, keep)
+            # (B, m, F), m = the longest path: one row's path nodes (a slice when they are the tree's first
+            # nodes, as in every root-only round), or every row's padded with its root
+            if len(keep) > 1:
+                new_context = v.features.gather(1, v.paths[:, :max(counts) + 1, None].expand(-1, -1, F))
+            else:
+                first = keep[0][-1] == len(keep[0]) - 1  # paths only go to later nodes: [0, 1, .., c]
+                new_context = v.features[:, :len(keep[0])] if first else v.features[:, keep[0]]
+        else:  # the moves and the gather are queued before the read: the device works while the host waits
+            move_paths(cache, self.layout, v.paths, v.at, self.compile_config)
+            new_context = v.features.gather(1, v.paths[..., None].expand(-1, -1, F))  # (B, P, F)
+            committed = unpack(v.packed.tolist())  # the host's one read: per row (accepted count, tokens)
+            counts = [c for c, _ in committed]
+            self.layout = set_lengths(cache, self.layout, [c + 1 for c in counts])
         self.proposer.observe(counts)
         if self.budget_policy is not None:
             self.budget_policy.observe(counts)  # CaDDTree calibrates its acceptance estimate
         if drafted:
             self.context_lengths = [c + 1 for c in counts]
-            self.context = new_context[:, :max(self.context_lengths)].clone()  # (B, C, F); a base tensor (compile guards)
+            m = max(self.context_lengths)  # (B, C, F) as a base tensor (compile guards): the gather's own, else a copy
+            self.context = new_context if new_context.shape[1] == m else new_context[:, :m].clone()
         else:  # the drafter did not see last round's context: keep it in front
             self.context, self.context_lengths = _left_align(
                 [torch.cat([self.context[i, :self.context_lengths[i]], new_context[i, :c + 1]]) for i, c in enumerate(counts)])
         kept = []
         for i, b in enumerate(self.active):
-            path = v.paths[i]
-            n = rows.commit(b, committed[i][1], lambda j, i=i, path=path: v.scores[i, path[j]],
-                            lambda j, i=i, path=path: v.raw[i, path[j]])
+            n = rows.commit(b, committed[i][1], lambda j, i=i: v.scores[i, v.paths[i, j]],
+                            lambda j, i=i: v.raw[i, v.paths[i, j]])
             rows.acceptance[b].append(n)  # committed only: a stop (EOS) mid-path drops the rest
             stats.acceptance_lengths.append(n)
             stats.tree_sizes.append(trees[i].num_nodes)

@@ -200,12 +200,15 @@ class DrafterState:
             raise ValueError(f"drafter context out of step: origin {origin} + seen {self.seen} + new {clen} != past {past}.")
         T = self.cache.get_seq_length()  # slots in the drafter cache (= max seen)
         dev = self.device
-        at = host_tensor([self.seen, past, clen, origin], dev)  # (4, B): one host-to-device copy
-        seen_t, past_t, clen_t = at[0], at[1], at[2]
-        ctx_pos = (at[3] + seen_t)[:, None] + torch.arange(C, device=dev)[None]  # (B, C); entries past clen[b] are padding
-        blk_pos = (past_t[:, None] + torch.arange(bs, device=dev)[None]).repeat(1, K)  # (B, K*bs)
-        pos = torch.cat([ctx_pos, blk_pos], dim=1)  # (B, C + K*bs)
         ragged = any(s != T for s in self.seen) or any(c != C for c in clen)
+        if B == 1 and K == 1 and not ragged:  # one row, one block: context and block positions run on, no gap
+            pos = torch.arange(past[0] - C, past[0] + bs, device=dev)[None]  # (1, C + bs)
+        else:
+            at = host_tensor([self.seen, past, clen, origin], dev)  # (4, B): one host-to-device copy
+            seen_t, past_t, clen_t = at[0], at[1], at[2]
+            ctx_pos = (at[3] + seen_t)[:, None] + torch.arange(C, device=dev)[None]  # (B, C); past clen[b]: padding
+            blk_pos = (past_t[:, None] + torch.arange(bs, device=dev)[None]).repeat(1, K)  # (B, K*bs)
+            pos = torch.cat([ctx_pos, blk_pos], dim=1)  # (B, C + K*bs)
         mask = None
         if K > 1 or ragged:  # row b's blocks see its cached and new context, each block only itself
             width = T + C + K * bs
@@ -294,9 +297,14 @@ class DFlashProposer(Proposer):
 
     def draft(self, round: Round) -> torch.Tensor:
         """(B, D, V) log-probs, D = round.depth_limit: [b, d] predicts depth d + 1 of row b."""
-        blocks = torch.full((round.rows, 1, self.state.spec.block_size), self.state.spec.mask_token_id, dtype=torch.long,
-                            device=round.ids.device)
-        blocks[:, 0, 0] = round.roots
+        spec = self.state.spec
+        if round.host_text is not None:  # the roots are host ints: one host-to-device copy of the blocks
+            blocks = host_tensor([[[root] + [spec.mask_token_id] * (spec.block_size - 1)] for root in round.root_list()],
+                                 round.ids.device)
+        else:
+            blocks = torch.full((round.rows, 1, spec.block_size), spec.mask_token_id, dtype=torch.long,
+                                device=round.ids.device)
+            blocks[:, 0, 0] = round.roots
         lp = self.state.draft_rows(blocks, round.context, round.past, round.context_lengths)  # (B, 1, bs-1, V)
         return lp[:, 0, :round.depth_limit]
 
@@ -331,6 +339,8 @@ def _read_topk(top_lp: torch.Tensor, top_ids: torch.Tensor, extra: torch.Tensor 
     """(B, D, k) top-k log-probs and ids, and an optional flat tensor, in ONE host read (float32
     log-probs and token ids are exact in float64). Returns nested lists lp[b][d], ids[b][d] (ints)
     and the extra values as a list ([] without)."""
+    if top_lp.device.type == "cpu" and extra is None:  # on the host a read is free: no packing
+        return top_lp.tolist(), top_ids.tolist(), []
     parts = [top_lp.double().flatten(), top_ids.double().flatten()] + ([] if extra is None else [extra.double()])
     host = torch.cat(parts).tolist()  # the read
     B, D, k = top_lp.shape

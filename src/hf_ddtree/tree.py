@@ -35,12 +35,23 @@ def ancestor_matrices(parents: torch.Tensor, max_depth: int) -> torch.Tensor:
     B, n = parents.shape
     idx = torch.arange(n, device=parents.device).expand(B, n)
     up = torch.where(parents < 0, idx, parents)  # a parentless node points at itself
-    vis = torch.eye(n, dtype=torch.bool, device=parents.device).expand(B, n, n).clone()
+    vis = torch.eye(n, dtype=torch.bool, device=parents.device)[None].repeat(B, 1, 1)
     cur = idx
     for _ in range(max_depth):
         cur = up.gather(1, cur)
         vis.scatter_(2, cur[..., None], True)
     return vis
+
+
+def lineage_matrices(lineages: list[list[tuple[int, ...]]], n: int, device=None) -> torch.Tensor:
+    """`ancestor_matrices` of B trees the host built, from their lineages (`Tree.lineage`: each real node's
+    ancestors and itself), padded to n rows (a padding row sees only itself): ONE write of the True entries
+    (about n x mean depth of them) instead of a gather and a scatter per depth. (B, n, n) bool on `device`."""
+    flat = [b * n * n + i * n + j for b, lin in enumerate(lineages) for i, anc in enumerate(lin) for j in anc]
+    flat += [b * n * n + i * (n + 1) for b, lin in enumerate(lineages) for i in range(len(lin), n)]
+    vis = torch.zeros(len(lineages) * n * n, dtype=torch.bool)
+    vis[torch.tensor(flat)] = True
+    return to_device(vis.view(len(lineages), n, n), device or "cpu")
 
 
 def ancestors_by_depth(visibility: torch.Tensor, depths: torch.Tensor, max_depth: int) -> torch.Tensor:
@@ -68,24 +79,30 @@ class Tree:
     def __init__(self, tokens: torch.Tensor, parents: torch.Tensor, depths: torch.Tensor,
                  scores: list[float] | None = None, children: list[dict[int, int]] | None = None, pad: int = 0, *,
                  score: torch.Tensor | None = None, num_nodes: int | None = None, max_depth: int | None = None,
-                 host_lists: tuple[list[int], list[int]] | None = None):
+                 host_lists: tuple[list[int], list[int]] | None = None, lineage: list[tuple[int, ...]] | None = None):
         self.tokens, self.parents, self.depths, self.pad = tokens, parents, depths, int(pad)
         n = tokens.shape[0] - self.pad - 1 if num_nodes is None else int(num_nodes)
         self._num_nodes = n
-        if score is None:
-            if scores is None:
-                raise ValueError("Tree needs its node scores (a list `scores` or a tensor `score`).")
-            score = torch.tensor(list(scores) + [float("-inf")] * self.pad, dtype=torch.float64)
-        self.score = score
+        if score is None and scores is None:
+            raise ValueError("Tree needs its node scores (a list `scores` or a tensor `score`).")
+        self._score = score  # None: made from `scores` on first use (a tree the host built)
         self._scores = None if scores is None else list(scores)
         self._children = children
         if max_depth is None:
             max_depth = int(depths.max()) if depths.numel() else 0
         self.max_depth = int(max_depth)
         self.host_lists = host_lists  # (tokens, parents) of the real nodes when built on the host, else None
+        self.lineage = lineage  # per real node, its ancestors and itself (root first), when built on the host
 
     def __repr__(self) -> str:
         return f"Tree(num_nodes={self.num_nodes}, max_depth={self.max_depth}, pad={self.pad}, device={self.tokens.device})"
+
+    @property
+    def score(self) -> torch.Tensor:
+        """(N,) float64 path scores, padding -inf (from the host list on first use, for a tree the host built)."""
+        if self._score is None:
+            self._score = torch.tensor(self._scores + [float("-inf")] * self.pad, dtype=torch.float64)
+        return self._score
 
     @property
     def num_nodes(self) -> int:
@@ -130,12 +147,12 @@ class Tree:
             raise ValueError(f"pad_to({size}): the tree already has {self.size} rows.")
         if extra == 0:
             return self
+        score = None if self._score is None else torch.cat([self._score, self._score.new_full((extra,), float("-inf"))])
         return Tree(torch.cat([self.tokens, self.tokens[:1].expand(extra)]),
                     torch.cat([self.parents, self.parents.new_full((extra,), -1)]),
                     torch.cat([self.depths, self.depths.new_zeros(extra)]),
-                    self._scores, self._children, extra,
-                    score=torch.cat([self.score, self.score.new_full((extra,), float("-inf"))]),
-                    num_nodes=self.num_nodes, max_depth=self.max_depth, host_lists=self.host_lists)
+                    self._scores, self._children, extra, score=score, num_nodes=self.num_nodes,
+                    max_depth=self.max_depth, host_lists=self.host_lists, lineage=self.lineage)
 
     def path_to(self, node: int) -> list[int]:
         """Node indices from the root to `node`, both included (a host read)."""
@@ -158,23 +175,22 @@ class Tree:
         scores = None if self._scores is None else self._scores[:k]
         # max_depth stays an upper bound (exact for the visibility pointer jumps: extra jumps are no-ops)
         host = None if self.host_lists is None else (self.host_lists[0][:k], self.host_lists[1][:k])
-        return Tree(self.tokens[:k], self.parents[:k], self.depths[:k], scores, children,
-                    score=self.score[:k], num_nodes=num_nodes, max_depth=min(self.max_depth, num_nodes), host_lists=host)
+        score = None if self._score is None else self._score[:k]
+        return Tree(self.tokens[:k], self.parents[:k], self.depths[:k], scores, children, score=score,
+                    num_nodes=num_nodes, max_depth=min(self.max_depth, num_nodes), host_lists=host,
+                    lineage=None if self.lineage is None else self.lineage[:k])
 
 
 def _make_tree(root_token: int, tokens: list[int], parents: list[int], depths: list[int], scores: list[float]) -> Tree:
     children: list[dict[int, int]] = [{} for _ in range(len(tokens) + 1)]
+    lineage: list[tuple[int, ...]] = [(0,)]  # node i's ancestors and itself, root first (parents come first)
     for i, (tok, par) in enumerate(zip(tokens, parents), start=1):
         children[par][tok] = i
-    return Tree(
-        tokens=torch.tensor([root_token] + tokens, dtype=torch.long),
-        parents=torch.tensor([-1] + parents, dtype=torch.long),
-        depths=torch.tensor([0] + depths, dtype=torch.long),
-        scores=[0.0] + scores,
-        children=children,
-        max_depth=max(depths, default=0),
-        host_lists=([root_token] + tokens, [-1] + parents),
-    )
+        lineage.append(lineage[par] + (i,))
+    host = ([root_token] + tokens, [-1] + parents)
+    rows = torch.tensor([*host, [0] + depths], dtype=torch.long)  # (3, n + 1): one host-to-tensor copy
+    return Tree(rows[0], rows[1], rows[2], [0.0] + scores, children, max_depth=max(depths, default=0),
+                host_lists=host, lineage=lineage)
 
 
 def topk_per_position(draft_logprobs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -209,22 +225,26 @@ def build_tree(root_token: int, top_logprobs: torch.Tensor, top_ids: torch.Tenso
     scores: list[float] = []
     if budget == 0 or depth_limit == 0 or width == 0:
         return _make_tree(root_token, tokens, parents, depths, scores)
-    # heap entry: (-score, ranks, parent_node, parent_score)
-    heap = [(-lp[0][0], (0,), 0, 0.0)]
-    while heap and len(tokens) < budget:
-        neg, ranks, parent, parent_score = heapq.heappop(heap)
-        depth = len(ranks)
-        tokens.append(ids[depth - 1][ranks[-1]])
+    # heap entry: (-score, key, depth, rank, parent_node, parent_score). Ties are broken by the rank tuple
+    # (r_1, ..., r_d) lexicographically, a prefix first; `key` is that order as one int: digit r_i + 1 at place
+    # depth_limit - i in base width + 1 (0 past the tuple's end), so a sibling adds one at its place, a child
+    # one at the next place (an int per entry instead of a tuple: the heap is the host round's largest loop)
+    place = [(width + 1) ** (depth_limit - d) for d in range(depth_limit + 1)]  # place[d]: depth d's digit
+    push, pop = heapq.heappush, heapq.heappop
+    heap = [(-lp[0][0], place[1], 1, 0, 0, 0.0)]
+    node = 0
+    while heap and node < budget:
+        neg, key, depth, rank, parent, parent_score = pop(heap)
+        tokens.append(ids[depth - 1][rank])
         parents.append(parent)
         depths.append(depth)
         scores.append(-neg)
-        node = len(tokens)
-        if ranks[-1] + 1 < width:  # next sibling: same parent, next rank
-            s = parent_score + lp[depth - 1][ranks[-1] + 1]
-            heapq.heappush(heap, (-s, ranks[:-1] + (ranks[-1] + 1,), parent, parent_score))
+        node += 1
+        if rank + 1 < width:  # next sibling: same parent, next rank
+            push(heap, (-(parent_score + lp[depth - 1][rank + 1]), key + place[depth], depth, rank + 1, parent,
+                        parent_score))
         if depth < depth_limit:  # first child: next depth, rank 0
-            s = -neg + lp[depth][0]
-            heapq.heappush(heap, (-s, ranks + (0,), node, -neg))
+            push(heap, (-(-neg + lp[depth][0]), key + place[depth + 1], depth + 1, 0, node, -neg))
     return _make_tree(root_token, tokens, parents, depths, scores)
 
 

@@ -26,12 +26,12 @@ from transformers.generation.logits_process import (
 )
 
 from .cache import (CacheRows, layout_tensor, mask_layout, mask_width, shape_masks, sliding_window_core,
-                    tree_mask_core)
+                    tree_mask_core, tree_mask_from_layout)
 from .compat import (cache_kwargs, compiled_function, gather_features, hidden_states_request, linear_attention_modules,
                      tree_linear_attention)
 from .device import host_tensor, to_device
 from .linear_attention import TreeStates
-from .tree import Tree, ancestor_matrices, ancestor_matrix, ancestors_by_depth
+from .tree import Tree, ancestor_matrices, ancestor_matrix, ancestors_by_depth, lineage_matrices
 
 # processors whose output depends only on the scores row, not on the token prefix
 _PREFIX_FREE = (
@@ -71,7 +71,7 @@ class Verified:
     next_tokens: torch.Tensor
     packed: torch.Tensor
     linear_states: TreeStates | None = None
-    at: torch.Tensor | None = None  # (3, B) long: the cache layout the trees were verified on (`cache.layout_tensor`)
+    at: torch.Tensor | None = None  # (3, B) long: the cache layout the trees were verified on (`cache.layout_tensor`), or None
 
 
 def unpack(packed_rows: list[list[int]]) -> list[tuple[int, list[int]]]:
@@ -136,30 +136,45 @@ def tree_inputs(parents: torch.Tensor, depths: torch.Tensor, at: torch.Tensor, *
 class TreeInputs:
     """A tree forward's inputs on the device: visibility (B, N, N) bool, depths / position_ids (B, N) long,
     attention_mask (the (B, 1, N, kv_len) mask, or {layer type: mask}), at (3, B) long (the layout, for the
-    path moves after the walk), max_depth (a host int)."""
+    path moves after the walk; None where no piece needed it: one eager row of full attention), max_depth (a
+    host int)."""
 
     visibility: torch.Tensor
     depths: torch.Tensor
     position_ids: torch.Tensor
     attention_mask: object
-    at: torch.Tensor
+    at: torch.Tensor | None
     max_depth: int
 
 
 def _tree_inputs(target, trees: list[Tree], parents: torch.Tensor, depths: torch.Tensor, cache, rows: CacheRows,
                  mask_out: torch.Tensor | None, compile_config, depth_bound: int | None = None,
                  masks_of=None) -> TreeInputs:
-    """`tree_inputs` (compiled when compile_config is given) for B stacked trees, the mask shaped as the
-    target takes it. ONE host-to-device copy: the layout (`cache.layout_tensor`). depth_bound: a depth no tree of
+    """`tree_inputs` for B stacked trees, the mask shaped as the target takes it: compiled when compile_config is
+    given; eagerly, the same values with the mask written from the layout's host ints (`cache.tree_mask_from_layout`,
+    a few slice writes instead of the core's ~20 ops over the mask's elements). ONE host-to-device copy: the layout (`cache.layout_tensor`). depth_bound: a depth no tree of
     the call exceeds, used instead of this round's deepest (one static depth: one compiled graph for all rounds).
     masks_of: `cache.mask_layout(target.config)` when the caller already has it (the loop reads it once a call)."""
     n = trees[0].size
     max_depth = max(max(t.max_depth for t in trees), min(depth_bound or 0, n - 1))
-    at = layout_tensor(rows, [t.size - t.pad for t in trees], depths.device)  # (3, B)
+    num_real = [t.size - t.pad for t in trees]
     windows, linear = masks_of if masks_of is not None else mask_layout(target.config)
-    visibility, position_ids, masks = compiled_function(tree_inputs, compile_config)(
-        parents, depths, at, max_depth=max_depth, kv_len=mask_width(cache, rows.write_at, n), dtype=target.dtype,
-        windows=windows, out=mask_out)
+    kv_len = mask_width(cache, rows.write_at, n)
+    at = None  # (3, B) the layout as a tensor (`layout_tensor`), where a piece takes it
+    if compile_config is None:  # eager: the same tensors, the mask written from the layout's host ints
+        if len(trees) > 1 or any(w is not None for _, w in windows):
+            at = layout_tensor(rows, num_real, depths.device)
+        if all(t.lineage is not None for t in trees):  # trees the host built: their ancestors are host data
+            visibility = lineage_matrices([t.lineage for t in trees], n, parents.device)  # (B, N, N)
+        else:
+            visibility = ancestor_matrices(parents, max_depth)  # (B, N, N)
+        position_ids = depths + (rows.positions[0] if at is None else (at[1] - at[0])[:, None])  # (B, N)
+        mask = tree_mask_from_layout(visibility, rows, num_real, kv_len, target.dtype, out=mask_out)
+        masks = tuple(mask if w is None else sliding_window_core(mask, depths, at, w) for _, w in windows)
+    else:
+        at = layout_tensor(rows, num_real, depths.device)
+        visibility, position_ids, masks = compiled_function(tree_inputs, compile_config)(
+            parents, depths, at, max_depth=max_depth, kv_len=kv_len, dtype=target.dtype, windows=windows, out=mask_out)
     return TreeInputs(visibility, depths, position_ids, shape_masks(masks, windows, linear), at, max_depth)
 
 
