@@ -110,9 +110,12 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--prompts", type=int, default=3)
+    ap.add_argument("--stat", choices=("median", "min"), default="median",
+                    help="per source, the median or the minimum over repeats (min: on a loaded machine, noise only adds)")
     ap.add_argument("--compile", action="store_true",
                     help="every source with compiled forwards (generate()'s convention: static cache + CompileConfig "
                          "with _compile_all_devices; inductor on this CPU)")
+    ap.add_argument("--json", default=None, help="also write every run's numbers here")
     ap.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker is not None:
@@ -136,20 +139,31 @@ def main() -> None:
                     raise SystemExit(f"{src}: imported {r['package']} instead (an editable install shadows PYTHONPATH)")
                 results.setdefault((budget, label), []).append(r)
                 print(f"rep {rep} budget {budget} {label}: {r['ms_per_round']:.3f} ms/round", file=sys.stderr)
+    if args.json:
+        Path(args.json).write_text(json.dumps([{"budget": b, "source": src, "runs": rs} for (b, src), rs in results.items()],
+                                              indent=1))
     how = "compiled forwards" if args.compile else "eager"
-    print(f"{how}; medians of {args.repeats}; loop = round - forwards (the loop's own time, what a GPU waits for)\n")
+    stat = statistics.median if args.stat == "median" else min
+    print(f"{how}; {args.stat} of {args.repeats}; loop = round - forwards (the loop's own time, what a GPU waits for)\n")
+    print("loop / fwd = the loop's own time per ms of forward time in the same run: the forwards are the same model code "
+          "for every source, so this ratio cancels the machine's speed drifting between runs (read its last column)\n")
     print(f"| budget | source | ms / round | vs {args.src[0]} | forwards ms | loop ms | loop vs {args.src[0]} "
-          "| reads / round | rounds |")
-    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|")
+          f"| loop / fwd | vs {args.src[0]} | reads / round | rounds |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for budget in args.budgets:
-        med = {src: {k: statistics.median(r[k] for r in results[(budget, src)])
-                     for k in ("ms_per_round", "forward_ms_per_round", "loop_ms_per_round")} for src in args.src}
+        for rs in (results[(budget, src)] for src in args.src):
+            for r in rs:
+                r["loop_per_forward"] = r["loop_ms_per_round"] / r["forward_ms_per_round"]
+        med = {src: {k: stat(r[k] for r in results[(budget, src)])
+                     for k in ("ms_per_round", "forward_ms_per_round", "loop_ms_per_round", "loop_per_forward")}
+               for src in args.src}
         base = med[args.src[0]]
         for src in args.src:
             rs, m = results[(budget, src)], med[src]
             print(f"| {budget} | `{src}` | {m['ms_per_round']:.3f} | {m['ms_per_round'] / base['ms_per_round']:.2f}x | "
                   f"{m['forward_ms_per_round']:.3f} | {m['loop_ms_per_round']:.3f} | "
-                  f"{m['loop_ms_per_round'] / base['loop_ms_per_round']:.2f}x | {rs[0]['reads_per_round']:.1f} | "
+                  f"{m['loop_ms_per_round'] / base['loop_ms_per_round']:.2f}x | {m['loop_per_forward']:.3f} | "
+                  f"{m['loop_per_forward'] / base['loop_per_forward']:.2f}x | {rs[0]['reads_per_round']:.1f} | "
                   f"{rs[0]['rounds']} |")
 
 
