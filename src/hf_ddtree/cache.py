@@ -425,20 +425,19 @@ def compact_rows(cache, rows: CacheRows, keep: list[torch.Tensor] | list[list[in
     [rows.length[b], + len(keep[b])) of that row, and set the cache's length to the longest row.
     Only the kept entries move (O(accepted) per row). Returns the new layout."""
     keep = [k.tolist() if isinstance(k, torch.Tensor) else list(k) for k in keep]
-    w = rows.write_at
-    # only the entries not already in place move (decided on the host: no device sync per layer); a path that
-    # runs down the tree's first nodes in order, and every root-only round of one row, moves nothing
-    moves = [(b, w + i, rows.length[b] + j) for b, k in enumerate(keep) for j, i in enumerate(k)
-             if w + i != rows.length[b] + j]
-    if moves:
+    moves = kept_moves(rows, keep)
+    if moves:  # decided on the host: no device sync per layer
         _move(cache, torch.tensor([[m[0] for m in moves], [m[1] for m in moves], [m[2] for m in moves]]))  # (3, M)
     return set_lengths(cache, rows, [len(k) for k in keep])
 
 
-def kept_in_place(rows: CacheRows, keep: list[list[int]]) -> bool:
-    """Whether `compact_rows(cache, rows, keep)` would move nothing: every kept node already sits at its slot."""
+def kept_moves(rows: CacheRows, keep: list[list[int]]) -> list[tuple[int, int, int]]:
+    """The (batch row, source slot, destination slot) moves `compact_rows` makes for `keep`: only the entries not
+    already in place (a path that runs down the tree's first nodes in order, and every root-only round of one
+    row, moves nothing)."""
     w = rows.write_at
-    return all(w + i == rows.length[b] + j for b, k in enumerate(keep) for j, i in enumerate(k))
+    return [(b, w + i, rows.length[b] + j) for b, k in enumerate(keep) for j, i in enumerate(k)
+            if w + i != rows.length[b] + j]
 
 
 def move_paths(cache, rows: CacheRows, paths: torch.Tensor, at: torch.Tensor | None = None, compile_config=None) -> None:
@@ -497,12 +496,13 @@ def make_kv_arena(cache) -> bool:
     round's path is one gather and one write for all layers (`_move`) instead of four ops per layer: 4L launches
     fewer per round on an accelerator, and the eager CPU round's path moves ~L times cheaper. Done once, after
     the prefill initialized the layers; the copy needs a second K/V's room for a moment, so on CUDA the arena is
-    made only when the device has it free (on the CPU always; other accelerators: not). Returns whether the cache has an arena (cleared when a layer's
-    tensors are replaced: `select_rows`, a grown cache). Eager rounds only: a compiled forward would see the
-    layers as aliased inputs (its path moves are one graph anyway, `move_path_kv`)."""
-    layers = kv_layers(cache)
+    made only when the device has it free (on the CPU always; other accelerators: not). Returns whether the cache
+    has an arena (`select_rows` keeps it, selected; replacing a layer's tensors, e.g. a grown cache, retires it:
+    `kv_arena`). Eager rounds only: a compiled forward would see the layers as aliased inputs (its path moves are
+    one graph anyway, `move_path_kv`)."""
     if kv_arena(cache) is not None:
         return True
+    layers = kv_layers(cache)
     if not layers or not all(type(layer) is StaticLayer and getattr(layer, "keys", None) is not None for layer in layers):
         return False
     k0 = layers[0].keys

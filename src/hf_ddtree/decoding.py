@@ -24,7 +24,7 @@ from transformers.generation.stopping_criteria import (EosTokenCriteria, MaxLeng
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from .cache import (CacheRows, adopt_cache, commit_linear_states, compact, compact_rows, loop_cache_kind, make_cache,
-                    kept_in_place, make_kv_arena, mask_layout, mask_width, move_paths, select_rows, set_lengths)
+                    kept_moves, make_kv_arena, mask_layout, mask_width, move_paths, select_rows, set_lengths)
 from .compat import (CACHE_FIELD, cache_from_kwargs, cache_kwargs, compile_config_of, compile_requested, compiled_call,
                      gather_features, hidden_states_request)
 from .distributed import check_tensor_parallel, leader_accept, leader_tree, leader_token
@@ -647,11 +647,11 @@ class _Decode:
     device: torch.device | None = None  # the input ids' device: the loop's own tensors go there
     host_way: bool = False  # the host heap and walk (the device is the host): host-decided path moves
     depth_bound: int | None = None  # compiled pieces: the deepest node any tree of the call can have (one static depth)
+    mask_out: torch.Tensor | None = None  # with padding and a static cache every verify has one shape: one mask buffer
     masks_of: tuple = field(init=False)  # the target's `cache.mask_layout` (its layer types' windows), read once a call
 
     def __post_init__(self):
         self.masks_of = mask_layout(self.model.config)
-    mask_out: torch.Tensor | None = None  # with padding and a static cache every verify has one shape: one mask buffer
 
     def retire(self) -> bool:
         """Rows that reached their end leave the cache, the drafter and the proposer; False when none is left."""
@@ -733,7 +733,7 @@ class _Decode:
             committed = unpack(v.packed.tolist())  # per row (accepted count, tokens)
             counts = [c for c, _ in committed]
             keep = [path[:c + 1] for path, c in zip(v.paths.tolist(), counts)]
-            if self.compile_config is not None and not kept_in_place(self.layout, keep):
+            if self.compile_config is not None and kept_moves(self.layout, keep):
                 move_paths(cache, self.layout, v.paths, v.at, self.compile_config)  # one compiled call, every layer
                 self.layout = set_lengths(cache, self.layout, [c + 1 for c in counts])
             else:

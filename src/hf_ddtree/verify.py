@@ -152,8 +152,10 @@ def _tree_inputs(target, trees: list[Tree], parents: torch.Tensor, depths: torch
                  masks_of=None) -> TreeInputs:
     """`tree_inputs` for B stacked trees, the mask shaped as the target takes it: compiled when compile_config is
     given; eagerly, the same values with the mask written from the layout's host ints (`cache.tree_mask_from_layout`,
-    a few slice writes instead of the core's ~20 ops over the mask's elements). ONE host-to-device copy: the layout (`cache.layout_tensor`). depth_bound: a depth no tree of
-    the call exceeds, used instead of this round's deepest (one static depth: one compiled graph for all rounds).
+    a few slice writes instead of the core's ~20 ops over the mask's elements) and, for trees the host built, the
+    visibility from their lineage. At most ONE host-to-device copy: the layout (`cache.layout_tensor`). depth_bound:
+    a depth no tree of the call exceeds, used instead of this round's deepest (one static depth: one compiled graph
+    for all rounds).
     masks_of: `cache.mask_layout(target.config)` when the caller already has it (the loop reads it once a call)."""
     n = trees[0].size
     max_depth = max(max(t.max_depth for t in trees), min(depth_bound or 0, n - 1))
