@@ -400,11 +400,11 @@ def test_lineage_matrices_equal_the_ancestor_matrices():
 @pytest.mark.parametrize("layout", [([0], [10], 40), ([0], [10], 18), ([0, 3], [10, 14], 30), ([2, 0, 0], [2, 7, 12], 25)],
                          ids=["one-row-static", "one-row-dynamic", "ragged-padded", "empty-row"])
 def test_the_eager_mask_from_host_ints_equals_the_tensor_core(layout):
-    """The eager round writes its mask from the layout's host ints (`cache.tree_mask_from_layout`): the same
-    values as the tensor core that compiles (`cache.tree_mask_core`), padded and unpadded trees, ragged rows, a row
-    with no live slot, a kv_len past the tree (a static cache) or ending with it (a dynamic one), into a dirty
-    buffer too."""
-    from hf_ddtree.cache import CacheRows, layout_tensor, tree_mask_core, tree_mask_from_layout
+    """The eager round writes its mask from the layout's host ints (`cache.tree_mask_from_layout`, and from the
+    host trees' lineages with no visibility tensor, `cache.tree_mask_from_lineage`): the same values as the tensor
+    core that compiles (`cache.tree_mask_core`), padded and unpadded trees, ragged rows, a row with no live slot, a
+    kv_len past the tree (a static cache) or ending with it (a dynamic one), into a dirty buffer too."""
+    from hf_ddtree.cache import CacheRows, layout_tensor, tree_mask_core, tree_mask_from_layout, tree_mask_from_lineage
     from hf_ddtree.tree import ancestor_matrices
 
     start, length, kv_len = layout
@@ -426,6 +426,69 @@ def test_the_eager_mask_from_host_ints_equals_the_tensor_core(layout):
         assert tree_mask_from_layout(vis, rows, num_real, width, torch.float32, out=dirty) is dirty
         assert torch.equal(dirty, want)
         assert (want == 0).any() and (want < 0).any()
+        lineages = [t.lineage for t in ts]  # padding rows (the loop's num_real: size - pad) see only themselves
+        want = tree_mask_core(vis, layout_tensor(rows, [t.size - t.pad for t in ts], "cpu"), width, torch.float32)
+        assert torch.equal(tree_mask_from_lineage(lineages, n, rows, width, torch.float32, "cpu"), want)
+        dirty = torch.randn(len(start), 1, n, width)
+        assert tree_mask_from_lineage(lineages, n, rows, width, torch.float32, "cpu", out=dirty) is dirty
+        assert torch.equal(dirty, want)
+        strided = torch.randn(len(start), 1, width, n).transpose(2, 3)  # a non-contiguous buffer is written too
+        assert tree_mask_from_lineage(lineages, n, rows, width, torch.float32, "cpu", out=strided) is strided
+        assert torch.equal(strided, want)
+
+
+@pytest.mark.parametrize("B", [1, 3])
+@pytest.mark.parametrize("sample", [False, True], ids=["greedy", "sampled"])
+def test_the_host_walk_gives_the_device_walks_tensors(B, sample):
+    """`accept_on_host` hands the loop host lists (`verify.HostWalk`) and makes tensors only when asked: they equal
+    `accept_paths`' on the same trees and scores (greedy; sampled, on scores whose every row is one-hot, so both
+    walks draw the same tokens), and the visibility the lazy `TreeInputs` makes from lineages is the ancestor
+    matrix."""
+    from hf_ddtree.tree import ancestor_matrices
+    from hf_ddtree.verify import HostWalk, TreeInputs, accept_on_host, unpack, walk_tensors
+
+    g = torch.Generator().manual_seed(B + 2 * sample)
+    trees = [build_tree(1, *topk_per_position(torch.log_softmax(torch.randn(5, 9, generator=g), -1), 3), n)
+             for n in (9, 4, 12)[:B]]
+    size = max(t.size for t in trees)
+    trees = [t.pad_to(size) for t in trees]
+    tokens, parents, depths = (torch.stack([getattr(t, k) for t in trees]) for k in ("tokens", "parents", "depths"))
+    max_depth = max(t.max_depth for t in trees)
+    # scores that follow each tree down a few levels: node i's choice is its first child's token, else a token
+    # no child carries
+    choice = torch.full((B, size), 8)
+    for b, t in enumerate(trees):
+        for i, kids in enumerate(t.children):
+            if kids and (i == 0 or (i * 7 + b) % 4):
+                choice[b, i] = min(kids)
+    scores = torch.full((B, size, 9), -1e4).scatter(2, choice[..., None], 0.0)  # others: probability 0 exactly
+    inputs = TreeInputs(depths, depths, None, None, max_depth, lineages=[t.lineage for t in trees])
+    assert torch.equal(inputs.visibility, ancestor_matrices(parents, max_depth))
+    host = accept_on_host(trees, tokens, parents, inputs, scores, sample)
+    assert isinstance(host, HostWalk) and host.made is None
+    want = accept_paths(tokens, parents, inputs.visibility, depths, scores, sample, max_depth)
+    got = walk_tensors(host)
+    for k in range(3):  # paths (root-padded both ways), counts, next tokens
+        assert torch.equal(got[k], want[k])
+    assert host.paths == want[0].tolist()
+    # packed: the same commit (entries past a row's count are filler, `unpack` drops them)
+    assert unpack(host.packed) == unpack(got[3].tolist()) == unpack(want[3].tolist())
+    assert max(host.packed[b][0] for b in range(B)) >= 1  # some walk went past the root
+
+
+def test_host_tensor_keeps_values_and_dtype():
+    """`device.host_tensor` (made through NumPy) gives what `torch.tensor` gives: values, shape and dtype, and
+    refuses a ragged list as torch.tensor does."""
+    from hf_ddtree.device import host_tensor
+
+    cases = [([[3, -1, 2**40], [0, 5, 7]], torch.long), ([0.5, float("-inf"), 1e-300], torch.float64),
+             ([[True, False]], torch.bool), ([1.25, -2.0], torch.float32), ([], torch.long), (7, torch.long),
+             ([[1, 2]], torch.int16)]
+    for values, dtype in cases:
+        got, want = host_tensor(values, "cpu", dtype), torch.tensor(values, dtype=dtype)
+        assert got.dtype == want.dtype and got.shape == want.shape and torch.equal(got, want)
+    with pytest.raises((ValueError, TypeError)):
+        host_tensor([[1, 2], [3]], "cpu")
 
 
 @pytest.mark.parametrize("B", [1, 3])

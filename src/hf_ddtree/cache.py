@@ -339,9 +339,32 @@ def tree_mask_from_layout(visibility: torch.Tensor, rows: CacheRows, num_real: l
     mask = out if out is not None else torch.empty(B, 1, n, kv_len, dtype=dtype, device=visibility.device)
     mask.fill_(torch.finfo(dtype).min)
     mask[:, 0, :, w:w + n].masked_fill_(visibility, 0)  # the tree: itself and its ancestors
+    return _open_live_cache(mask, rows, num_real)
+
+
+def tree_mask_from_lineage(lineages: list[list[tuple[int, ...]]], n: int, rows: CacheRows, kv_len: int,
+                           dtype: torch.dtype, device, *, out: torch.Tensor | None = None) -> torch.Tensor:
+    """`tree_mask_from_layout` for B trees the host built, from their lineages (`Tree.lineage`: each real node's
+    ancestors and itself) instead of a visibility tensor: the tree block's open entries (a padding row up to n sees
+    only itself) are ONE indexed write into the filled mask, and no (B, N, N) bool is made. (B, 1, n, kv_len)."""
+    B, w = len(lineages), rows.write_at
+    mask = out if out is not None and out.is_contiguous() else torch.empty(B, 1, n, kv_len, dtype=dtype, device=device)
+    mask.fill_(torch.finfo(dtype).min)
+    flat = [(b * n + i) * kv_len + w + j for b, lin in enumerate(lineages) for i, anc in enumerate(lin) for j in anc]
+    flat += [(b * n + i) * kv_len + w + i for b, lin in enumerate(lineages) for i in range(len(lin), n)]
+    mask.view(-1)[host_tensor(flat, device)] = 0
+    _open_live_cache(mask, rows, [len(lin) for lin in lineages])
+    if out is not None and mask is not out:
+        return out.copy_(mask)
+    return mask
+
+
+def _open_live_cache(mask: torch.Tensor, rows: CacheRows, num_real: list[int]) -> torch.Tensor:
+    """Open each row's live cache slots [start[b], length[b]) in `mask` (B, 1, N, kv_len) for its num_real[b] real
+    nodes (padding sees only itself)."""
     for b, (s, length, real) in enumerate(zip(rows.start, rows.length, num_real)):
         if length > s and real > 0:
-            mask[b, 0, :real, s:length] = 0  # the row's live cache, for its real nodes (padding sees only itself)
+            mask[b, 0, :real, s:length] = 0
     return mask
 
 
@@ -427,7 +450,7 @@ def compact_rows(cache, rows: CacheRows, keep: list[torch.Tensor] | list[list[in
     keep = [k.tolist() if isinstance(k, torch.Tensor) else list(k) for k in keep]
     moves = kept_moves(rows, keep)
     if moves:  # decided on the host: no device sync per layer
-        _move(cache, torch.tensor([[m[0] for m in moves], [m[1] for m in moves], [m[2] for m in moves]]))  # (3, M)
+        _move(cache, host_tensor([[m[0] for m in moves], [m[1] for m in moves], [m[2] for m in moves]], "cpu"))  # (3, M)
     return set_lengths(cache, rows, [len(k) for k in keep])
 
 

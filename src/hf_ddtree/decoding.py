@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+import numpy as np
 import torch
 from transformers import GenerationMixin
 from transformers.cache_utils import StaticCache
@@ -503,7 +504,11 @@ class _Rows:
         self.B, self.P0, self.device = B, P0, input_ids.device
         self.tokens: list[list[int]] = input_ids.tolist()
         self.length = [P0] * B
-        self.buf = input_ids.new_zeros(B, max(max_length, P0))
+        width = max(max_length, P0)
+        # on the CPU, buf shares its memory with a NumPy array: a run of host ints is written with no tensor made
+        self._host_buf = (np.zeros((B, width), dtype=np.int64)
+                          if self.device.type == "cpu" and input_ids.dtype == torch.long else None)
+        self.buf = input_ids.new_zeros(B, width) if self._host_buf is None else torch.from_numpy(self._host_buf)
         self.buf[:, :P0] = input_ids
         self.end_len = [max_length] * B
         self.stopped: list[int | None] = [None] * B
@@ -552,8 +557,14 @@ class _Rows:
         return bool(self.criteria(ids, tuple(self.scores[b]) if self.want_scores else None).all())
 
     def flush(self) -> None:
-        """Write the tokens committed since the last flush into `buf` (one host-to-device copy)."""
+        """Write the tokens committed since the last flush into `buf` (one host-to-device copy; on the CPU,
+        plain writes into its memory)."""
         if not self._pending:
+            return
+        if self._host_buf is not None:
+            for b, start, toks in self._pending:
+                self._host_buf[b, start:start + len(toks)] = toks
+            self._pending = []
             return
         if len(self._pending) == 1:  # one row's run of tokens (every round of one row): a slice copy
             (b, start, toks), self._pending = self._pending[0], []
@@ -730,9 +741,9 @@ class _Decode:
         cache, rows, stats = self.cache, self.rows, self.stats
         F = v.features.shape[-1]
         if self.host_way:  # the device is the host: its paths are host data, and only entries not in place move
-            committed = unpack(v.packed.tolist())  # per row (accepted count, tokens)
+            committed = unpack(v.packed_rows())  # per row (accepted count, tokens): the host walk's own lists
             counts = [c for c, _ in committed]
-            keep = [path[:c + 1] for path, c in zip(v.paths.tolist(), counts)]
+            keep = [path[:c + 1] for path, c in zip(v.path_rows(), counts)]
             if self.compile_config is not None and kept_moves(self.layout, keep):
                 move_paths(cache, self.layout, v.paths, v.at, self.compile_config)  # one compiled call, every layer
                 self.layout = set_lengths(cache, self.layout, [c + 1 for c in counts])
@@ -748,7 +759,7 @@ class _Decode:
         else:  # the moves and the gather are queued before the read: the device works while the host waits
             move_paths(cache, self.layout, v.paths, v.at, self.compile_config)
             new_context = v.features.gather(1, v.paths[..., None].expand(-1, -1, F))  # (B, P, F)
-            committed = unpack(v.packed.tolist())  # the host's one read: per row (accepted count, tokens)
+            committed = unpack(v.packed_rows())  # the host's one read: per row (accepted count, tokens)
             counts = [c for c, _ in committed]
             self.layout = set_lengths(cache, self.layout, [c + 1 for c in counts])
         self.proposer.observe(counts)

@@ -7,6 +7,7 @@ train-drafter), by the benchmark scripts and by the loop (`to_device`, `host_ten
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
@@ -82,6 +83,14 @@ def to_device(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
     return tensor.to(device, non_blocking=True)
 
 
+_NUMPY_DTYPES = {torch.long: np.int64, torch.int32: np.int32, torch.float64: np.float64, torch.float32: np.float32,
+                 torch.bool: np.bool_}
+
+
 def host_tensor(values, device: torch.device | str, dtype: torch.dtype = torch.long) -> torch.Tensor:
-    """Host values (nested lists of ints) as a tensor on `device`, copied without a host wait (`to_device`)."""
-    return to_device(torch.tensor(values, dtype=dtype), device)
+    """Host values (nested lists of numbers, rectangular) as a tensor on `device`, copied without a host wait
+    (`to_device`). Made through NumPy: `torch.tensor` on a Python list costs ~0.1 us per element (~17 us for 178
+    ints on this project's CPU), `np.array` 3-6x less; the loop makes such tensors every round."""
+    np_dtype = _NUMPY_DTYPES.get(dtype)
+    made = torch.tensor(values, dtype=dtype) if np_dtype is None else torch.from_numpy(np.array(values, dtype=np_dtype))
+    return to_device(made, device)

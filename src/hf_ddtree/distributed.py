@@ -45,6 +45,7 @@ from . import calibrate as _cal
 from .budget import CaDDTreePolicy, LatencyModel
 from .compat import linear_attention_modules, tensor_parallel_process_group, tensor_parallel_size, tp_style_shards_output
 from .tree import Tree, _make_tree
+from .verify import walk_tensors
 
 
 @dataclass(frozen=True)
@@ -212,17 +213,17 @@ def leader_walk(tp: TPGroup | None, walk: Callable[[], tuple[list[int], int]], m
 
 
 def leader_accept(tp: TPGroup | None, accept: Callable):
-    """`accept(trees, tokens, parents, visibility, depths, scores, do_sample, max_depth)` (`verify.accept_on_device`
-    / `accept_on_host`) on the leader only; its (paths, counts, next tokens, packed) on every rank, on the scores' device.
+    """`accept(trees, tokens, parents, tree inputs, scores, do_sample)` (`verify.accept_on_device` /
+    `accept_on_host`) on the leader only; its (paths, counts, next tokens, packed) on every rank, on the scores' device.
     One broadcast of (B, 2P + 1) int64 rows: the paths, then the packed commit."""
     if tp is None:
         return accept
 
-    def on_leader(trees, tokens, parents, visibility, depths, scores, do_sample, max_depth):
-        B, P = tokens.shape[0], max_depth + 1
+    def on_leader(trees, tokens, parents, inputs, scores, do_sample):
+        B, P = tokens.shape[0], inputs.max_depth + 1
         buf = torch.zeros(B, 2 * P + 1, dtype=torch.int64)
         if tp.is_leader:
-            paths, _, _, packed = accept(trees, tokens, parents, visibility, depths, scores, do_sample, max_depth)
+            paths, _, _, packed = walk_tensors(accept(trees, tokens, parents, inputs, scores, do_sample))
             buf = torch.cat([paths, packed], 1).cpu()
         buf = _broadcast(tp, buf).to(scores.device)
         paths, packed = buf[:, :P], buf[:, P:]

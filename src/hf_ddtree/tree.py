@@ -17,7 +17,7 @@ from __future__ import annotations
 import heapq
 import torch
 
-from .device import to_device
+from .device import host_tensor, to_device
 
 
 def ancestor_matrix(parents: torch.Tensor, max_depth: int) -> torch.Tensor:
@@ -50,7 +50,7 @@ def lineage_matrices(lineages: list[list[tuple[int, ...]]], n: int, device=None)
     flat = [b * n * n + i * n + j for b, lin in enumerate(lineages) for i, anc in enumerate(lin) for j in anc]
     flat += [b * n * n + i * (n + 1) for b, lin in enumerate(lineages) for i in range(len(lin), n)]
     vis = torch.zeros(len(lineages) * n * n, dtype=torch.bool)
-    vis[torch.tensor(flat)] = True
+    vis[host_tensor(flat, "cpu")] = True
     return to_device(vis.view(len(lineages), n, n), device or "cpu")
 
 
@@ -101,7 +101,7 @@ class Tree:
     def score(self) -> torch.Tensor:
         """(N,) float64 path scores, padding -inf (from the host list on first use, for a tree the host built)."""
         if self._score is None:
-            self._score = torch.tensor(self._scores + [float("-inf")] * self.pad, dtype=torch.float64)
+            self._score = host_tensor(self._scores + [float("-inf")] * self.pad, "cpu", torch.float64)
         return self._score
 
     @property
@@ -188,7 +188,7 @@ def _make_tree(root_token: int, tokens: list[int], parents: list[int], depths: l
         children[par][tok] = i
         lineage.append(lineage[par] + (i,))
     host = ([root_token] + tokens, [-1] + parents)
-    rows = torch.tensor([*host, [0] + depths], dtype=torch.long)  # (3, n + 1): one host-to-tensor copy
+    rows = host_tensor([*host, [0] + depths], "cpu")  # (3, n + 1): one host-to-tensor copy
     return Tree(rows[0], rows[1], rows[2], [0.0] + scores, children, max_depth=max(depths, default=0),
                 host_lists=host, lineage=lineage)
 

@@ -26,7 +26,7 @@ from transformers.generation.logits_process import (
 )
 
 from .cache import (CacheRows, layout_tensor, mask_layout, mask_width, shape_masks, sliding_window_core,
-                    tree_mask_core, tree_mask_from_layout)
+                    tree_mask_core, tree_mask_from_layout, tree_mask_from_lineage)
 from .compat import (cache_kwargs, compiled_function, gather_features, hidden_states_request, linear_attention_modules,
                      tree_linear_attention)
 from .device import host_tensor, to_device
@@ -46,6 +46,31 @@ _PREFIX_FREE = (
 
 
 @dataclass
+class HostWalk:
+    """The accept walk's result where it ran on the host (`accept_on_host`): `accept_paths`' paths and packed
+    rows as host lists, which is what the loop reads (for free), and their tensors on `device` made only when
+    something asks for them (the compiled path move, a batch's feature gather, scores / logits output, a hybrid
+    target's states)."""
+
+    paths: list[list[int]]  # B rows of P node indices, root-padded
+    packed: list[list[int]]  # B rows of [count, path tokens at depths 1..P-1, next token]
+    device: torch.device
+    made: tuple | None = None
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(paths (B, P), counts (B,), next tokens (B,), packed (B, P + 1)) on `device`, as `accept_paths` gives."""
+        if self.made is None:
+            packed = host_tensor(self.packed, self.device)
+            self.made = (host_tensor(self.paths, self.device), packed[:, 0], packed[:, -1], packed)
+        return self.made
+
+
+def walk_tensors(walked) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """An accept step's result (`accept_paths`' four tensors, or a `HostWalk`) as the four tensors."""
+    return walked.tensors() if isinstance(walked, HostWalk) else walked
+
+
+@dataclass
 class Verified:
     """What one verification of B trees (N rows each, root and padding included) gives the loop,
     all on the target's device: nothing here has been read by the host.
@@ -53,12 +78,14 @@ class Verified:
     raw       (B, N, V) target logits before processors
     scores    (B, N, V) float32 processed logits (what the target picks from)
     features  (B, N, F) concatenated selected hidden states, or None
+    walk      the accept step's result: `accept_paths`' (paths, counts, next_tokens, packed), or a `HostWalk`
+              where it ran on the host; read through the properties below
     paths     (B, P) long: accepted node indices, root first; entries past counts[b] repeat the root
               (P = deepest depth + 1)
     counts    (B,) long: accepted drafted nodes per row (the path has counts[b] + 1 nodes)
     next_tokens (B,) long: the target's own token after each row's last accepted node (the bonus token)
     packed    (B, P + 1) long: [count, path tokens at depths 1..P-1, next token]: the one tensor the
-              host reads per round (`unpack` turns the read into per-row token lists)
+              host reads per round (`packed_rows`; `unpack` turns the read into per-row token lists)
     linear_states  hybrid targets: what the linear-attention layers recorded (`cache.commit_linear_states`
               turns it into the state after the kept path), else None
     """
@@ -66,12 +93,33 @@ class Verified:
     raw: torch.Tensor
     scores: torch.Tensor
     features: torch.Tensor | None
-    paths: torch.Tensor
-    counts: torch.Tensor
-    next_tokens: torch.Tensor
-    packed: torch.Tensor
+    walk: tuple | HostWalk
     linear_states: TreeStates | None = None
     at: torch.Tensor | None = None  # (3, B) long: the cache layout the trees were verified on (`cache.layout_tensor`), or None
+
+    @property
+    def paths(self) -> torch.Tensor:
+        return walk_tensors(self.walk)[0]
+
+    @property
+    def counts(self) -> torch.Tensor:
+        return walk_tensors(self.walk)[1]
+
+    @property
+    def next_tokens(self) -> torch.Tensor:
+        return walk_tensors(self.walk)[2]
+
+    @property
+    def packed(self) -> torch.Tensor:
+        return walk_tensors(self.walk)[3]
+
+    def packed_rows(self) -> list[list[int]]:
+        """`packed` on the host: the round's one read (the walk's own lists where it ran on the host)."""
+        return self.walk.packed if isinstance(self.walk, HostWalk) else self.packed.tolist()
+
+    def path_rows(self) -> list[list[int]]:
+        """`paths` on the host (the walk's own lists where it ran on the host, else a read)."""
+        return self.walk.paths if isinstance(self.walk, HostWalk) else self.paths.tolist()
 
 
 def unpack(packed_rows: list[list[int]]) -> list[tuple[int, list[int]]]:
@@ -134,17 +182,26 @@ def tree_inputs(parents: torch.Tensor, depths: torch.Tensor, at: torch.Tensor, *
 
 @dataclass
 class TreeInputs:
-    """A tree forward's inputs on the device: visibility (B, N, N) bool, depths / position_ids (B, N) long,
-    attention_mask (the (B, 1, N, kv_len) mask, or {layer type: mask}), at (3, B) long (the layout, for the
-    path moves after the walk; None where no piece needed it: one eager row of full attention), max_depth (a
-    host int)."""
+    """A tree forward's inputs on the device: depths / position_ids (B, N) long, attention_mask (the
+    (B, 1, N, kv_len) mask, or {layer type: mask}), at (3, B) long (the layout, for the path moves after the
+    walk; None where no piece needed it: one eager row of full attention), max_depth (a host int), and
+    `visibility` (B, N, N) bool: given, or made on first use from the trees' lineages (host-built trees, eager:
+    the mask is written without it, and the host walk, a target without linear-attention layers and a round
+    without processors never ask for it)."""
 
-    visibility: torch.Tensor
     depths: torch.Tensor
     position_ids: torch.Tensor
     attention_mask: object
     at: torch.Tensor | None
     max_depth: int
+    made_visibility: torch.Tensor | None = None
+    lineages: list[list[tuple[int, ...]]] | None = None
+
+    @property
+    def visibility(self) -> torch.Tensor:
+        if self.made_visibility is None:
+            self.made_visibility = lineage_matrices(self.lineages, self.depths.shape[1], self.depths.device)
+        return self.made_visibility
 
 
 def _tree_inputs(target, trees: list[Tree], parents: torch.Tensor, depths: torch.Tensor, cache, rows: CacheRows,
@@ -163,21 +220,23 @@ def _tree_inputs(target, trees: list[Tree], parents: torch.Tensor, depths: torch
     windows, linear = masks_of if masks_of is not None else mask_layout(target.config)
     kv_len = mask_width(cache, rows.write_at, n)
     at = None  # (3, B) the layout as a tensor (`layout_tensor`), where a piece takes it
+    visibility, lineages = None, None
     if compile_config is None:  # eager: the same tensors, the mask written from the layout's host ints
         if len(trees) > 1 or any(w is not None for _, w in windows):
             at = layout_tensor(rows, num_real, depths.device)
+        position_ids = depths + (rows.positions[0] if at is None else (at[1] - at[0])[:, None])  # (B, N)
         if all(t.lineage is not None for t in trees):  # trees the host built: their ancestors are host data
-            visibility = lineage_matrices([t.lineage for t in trees], n, parents.device)  # (B, N, N)
+            lineages = [t.lineage for t in trees]  # the visibility is made from them only if asked for
+            mask = tree_mask_from_lineage(lineages, n, rows, kv_len, target.dtype, depths.device, out=mask_out)
         else:
             visibility = ancestor_matrices(parents, max_depth)  # (B, N, N)
-        position_ids = depths + (rows.positions[0] if at is None else (at[1] - at[0])[:, None])  # (B, N)
-        mask = tree_mask_from_layout(visibility, rows, num_real, kv_len, target.dtype, out=mask_out)
+            mask = tree_mask_from_layout(visibility, rows, num_real, kv_len, target.dtype, out=mask_out)
         masks = tuple(mask if w is None else sliding_window_core(mask, depths, at, w) for _, w in windows)
     else:
         at = layout_tensor(rows, num_real, depths.device)
         visibility, position_ids, masks = compiled_function(tree_inputs, compile_config)(
             parents, depths, at, max_depth=max_depth, kv_len=kv_len, dtype=target.dtype, windows=windows, out=mask_out)
-    return TreeInputs(visibility, depths, position_ids, shape_masks(masks, windows, linear), at, max_depth)
+    return TreeInputs(depths, position_ids, shape_masks(masks, windows, linear), at, max_depth, visibility, lineages)
 
 
 def _forward_trees(target, tokens: torch.Tensor, inputs: TreeInputs, cache, hidden_indices, forward):
@@ -224,8 +283,8 @@ def verify_trees(target, trees: list[Tree], cache, rows: CacheRows, hidden_indic
     pass the processors for that row, left padding included). The cache is left holding every
     tree: `cache.move_paths` + `cache.set_lengths` keep the accepted paths. logits_processor: one
     list for every row, or a tuple of B of them (`row_processors`). accept: the walk,
-    `(trees, tokens, parents, visibility, depths, scores, do_sample, max_depth) -> (paths, counts,
-    next tokens, packed)`: `accept_on_device` (the default) or `accept_on_host`; tensor-parallel
+    `(trees, tokens, parents, tree inputs, scores, do_sample) -> (paths, counts, next tokens, packed)` or a
+    `HostWalk`: `accept_on_device` (the default) or `accept_on_host`; tensor-parallel
     targets wrap it to walk on the leader and broadcast. forward: see `run_trees`. compile_config: the
     tree inputs (`tree_inputs`) run compiled (`compat.compiled_function`); None: eagerly. depth_bound: a depth
     no tree of the call exceeds, given to the tree inputs and the walk instead of this round's deepest (fixed
@@ -234,28 +293,26 @@ def verify_trees(target, trees: list[Tree], cache, rows: CacheRows, hidden_indic
     tokens, parents, depths = _stack_trees(trees, target.device)  # (B, N) each
     inputs = _tree_inputs(target, trees, parents, depths, cache, rows, mask_out, compile_config, depth_bound, masks_of)
     raw, features, states = _forward_trees(target, tokens, inputs, cache, hidden_indices, forward)
-    visibility = inputs.visibility
     scores = raw.float() if not logits_processor else torch.stack([
         process_scores(logits_processor[b] if isinstance(logits_processor, tuple) else logits_processor,
-                       prefixes[b], tree, raw[b], visibility[b], depths[b])
+                       prefixes[b], tree, raw[b], inputs.visibility[b], depths[b])
         for b, tree in enumerate(trees)])  # (B, N, V)
-    paths, counts, nxt, packed = (accept or accept_on_device)(trees, tokens, parents, visibility, depths, scores,
-                                                              do_sample, inputs.max_depth)
-    return Verified(raw, scores, features, paths, counts, nxt, packed, states, inputs.at)
+    walked = (accept or accept_on_device)(trees, tokens, parents, inputs, scores, do_sample)
+    return Verified(raw, scores, features, walked, states, inputs.at)
 
 
-def accept_on_device(trees, tokens, parents, visibility, depths, scores, do_sample, max_depth, compile_config=None):
+def accept_on_device(trees, tokens, parents, inputs: TreeInputs, scores, do_sample, compile_config=None):
     """The loop's accept step on an accelerator: `accept_paths` (no host read), compiled when compile_config
     is given (`compat.compiled_function`)."""
-    return compiled_function(accept_paths, compile_config)(tokens, parents, visibility, depths, scores, do_sample,
-                                                           max_depth)
+    return compiled_function(accept_paths, compile_config)(tokens, parents, inputs.visibility, inputs.depths, scores,
+                                                           do_sample, inputs.max_depth)
 
 
-def accept_on_host(trees, tokens, parents, visibility, depths, scores, do_sample, max_depth):
+def accept_on_host(trees, tokens, parents, inputs: TreeInputs, scores, do_sample) -> HostWalk:
     """The loop's accept step when the device is the host (CPU): the node-by-node `walk` per row (a few
-    argmax reads, which cost nothing there, instead of the whole-tree tensor work), returned in
-    `accept_paths`' form so the rest of the round is the same."""
-    P = max_depth + 1
+    argmax reads, which cost nothing there, instead of the whole-tree tensor work), in `accept_paths`' form
+    as host lists (`HostWalk`: the loop reads them as they are; tensors only when asked for)."""
+    P = inputs.max_depth + 1
     rows, paths = [], []
     for b, tree in enumerate(trees):
         path, nxt = walk(tree, scores[b], do_sample)
@@ -263,8 +320,7 @@ def accept_on_host(trees, tokens, parents, visibility, depths, scores, do_sample
         fill = [0] * (P - len(path))
         paths.append(path + fill)
         rows.append([len(path) - 1] + [toks[i] for i in path[1:]] + fill + [nxt])
-    packed = host_tensor(rows, scores.device)  # (B, P + 1)
-    return host_tensor(paths, scores.device), packed[:, 0], packed[:, -1], packed
+    return HostWalk(paths, rows, scores.device)
 
 
 def accept_paths(tokens: torch.Tensor, parents: torch.Tensor, visibility: torch.Tensor, depths: torch.Tensor,
