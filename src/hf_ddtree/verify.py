@@ -221,11 +221,14 @@ def _tree_inputs(target, trees: list[Tree], parents: torch.Tensor, depths: torch
     kv_len = mask_width(cache, rows.write_at, n)
     at = None  # (3, B) the layout as a tensor (`layout_tensor`), where a piece takes it
     visibility, lineages = None, None
-    if compile_config is None:  # eager: the same tensors, the mask written from the layout's host ints
+    host_trees = all(t.lineage is not None for t in trees)
+    # eager: the same tensors, the mask written from the layout's host ints; also for host trees on the CPU, where
+    # a few eager ops cost less than a compiled call's guards (the compiled pieces are for an accelerator's round)
+    if compile_config is None or (host_trees and depths.device.type == "cpu"):
         if len(trees) > 1 or any(w is not None for _, w in windows):
             at = layout_tensor(rows, num_real, depths.device)
         position_ids = depths + (rows.positions[0] if at is None else (at[1] - at[0])[:, None])  # (B, N)
-        if all(t.lineage is not None for t in trees):  # trees the host built: their ancestors are host data
+        if host_trees:  # trees the host built: their ancestors are host data
             lineages = [t.lineage for t in trees]  # the visibility is made from them only if asked for
             mask = tree_mask_from_lineage(lineages, n, rows, kv_len, target.dtype, depths.device, out=mask_out)
         else:
