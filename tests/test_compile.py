@@ -148,7 +148,7 @@ def test_disable_compile_runs_eager():
 @pytest.mark.parametrize("arch, impl, mode, drafter, eos, device_round", [
     ("qwen3", "sdpa", dict(tree_budget=4), "random", False, True),
     ("qwen3", "sdpa", dict(tree_budget=16), "oracle", True, True),
-    ("qwen3", "sdpa", dict(tree_budget=16), "oracle", True, False),  # the host heap + walk, compiled tree inputs / moves
+    ("qwen3", "sdpa", dict(tree_budget=16), "oracle", True, False),  # the host heap + walk (CPU: eager tree inputs), compiled moves
     ("llama", "eager", dict(tree_budget=16), "random", False, True),
     ("llama", "eager", dict(tree_budget=16), "random", False, False),
     ("llama", "sdpa", dict(), "oracle", False, True),  # the DFlash chain

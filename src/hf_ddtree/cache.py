@@ -28,6 +28,7 @@ from transformers.cache_utils import DynamicCache, DynamicLayer, LinearAttention
 from . import linear_attention as la
 from .compat import LINEAR_ATTENTION, compiled_function, linear_attention_modules, linear_states
 from .device import host_tensor, to_device
+from .tree import lineage_index
 
 CACHE_KINDS = ("static", "dynamic")
 # the cache the loop makes (and CaDDTree calibrates on) when generate() gets no cache and no cache_implementation.
@@ -350,9 +351,7 @@ def tree_mask_from_lineage(lineages: list[list[tuple[int, ...]]], n: int, rows: 
     B, w = len(lineages), rows.write_at
     mask = out if out is not None and out.is_contiguous() else torch.empty(B, 1, n, kv_len, dtype=dtype, device=device)
     mask.fill_(torch.finfo(dtype).min)
-    flat = [(b * n + i) * kv_len + w + j for b, lin in enumerate(lineages) for i, anc in enumerate(lin) for j in anc]
-    flat += [(b * n + i) * kv_len + w + i for b, lin in enumerate(lineages) for i in range(len(lin), n)]
-    mask.view(-1)[host_tensor(flat, device)] = 0
+    mask.view(-1)[host_tensor(lineage_index(lineages, n, kv_len, w), device)] = 0
     _open_live_cache(mask, rows, [len(lin) for lin in lineages])
     if out is not None and mask is not out:
         return out.copy_(mask)

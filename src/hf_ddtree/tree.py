@@ -47,11 +47,20 @@ def lineage_matrices(lineages: list[list[tuple[int, ...]]], n: int, device=None)
     """`ancestor_matrices` of B trees the host built, from their lineages (`Tree.lineage`: each real node's
     ancestors and itself), padded to n rows (a padding row sees only itself): ONE write of the True entries
     (about n x mean depth of them) instead of a gather and a scatter per depth. (B, n, n) bool on `device`."""
-    flat = [b * n * n + i * n + j for b, lin in enumerate(lineages) for i, anc in enumerate(lin) for j in anc]
-    flat += [b * n * n + i * (n + 1) for b, lin in enumerate(lineages) for i in range(len(lin), n)]
     vis = torch.zeros(len(lineages) * n * n, dtype=torch.bool)
-    vis[host_tensor(flat, "cpu")] = True
+    vis[host_tensor(lineage_index(lineages, n, n), "cpu")] = True
     return to_device(vis.view(len(lineages), n, n), device or "cpu")
+
+
+def lineage_index(lineages: list[list[tuple[int, ...]]], n: int, row_stride: int, offset: int = 0) -> list[int]:
+    """Flat positions of `lineage_matrices`' True entries (each real node's ancestors and itself; a padding row up to
+    n: itself) in a row-major (B, n, row_stride) layout whose tree block starts at column `offset`: entry (b, i, j)
+    is at (b * n + i) * row_stride + offset + j (the matrices themselves: row_stride n, offset 0; a mask's tree
+    block: row_stride kv_len, offset the slot the trees are written at)."""
+    flat = [(b * n + i) * row_stride + offset + j for b, lin in enumerate(lineages) for i, anc in enumerate(lin)
+            for j in anc]
+    flat += [(b * n + i) * row_stride + offset + i for b, lin in enumerate(lineages) for i in range(len(lin), n)]
+    return flat
 
 
 def ancestors_by_depth(visibility: torch.Tensor, depths: torch.Tensor, max_depth: int) -> torch.Tensor:
